@@ -33,7 +33,7 @@ class AttentionArgs(NamedTuple):
 
 
 def _shape(t) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def _check_tensor(name: str, t, ndim: int, expected: str) -> None:
