@@ -86,3 +86,21 @@ def test_reference_division_is_applied(gen):
     # A reference equal to attn makes the normalised map uniform: AR = 1.
     torch.testing.assert_close(vg.grounding_metrics(attn, mask, reference=attn, backend="torch").ar,
                                torch.ones(5), atol=1e-6, rtol=1e-6)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1e3, allow_subnormal=False), min_size=1, max_size=40), st.data())
+def test_properties_hold_for_any_row(values, data):
+    """KL >= 0, 0 <= JS <= ln 2, AR >= 0, and agreement with NumPy on arbitrary rows."""
+    attn = torch.tensor(values, dtype=torch.float64)
+    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(values), max_size=len(values))))
+    m = vg.grounding_metrics(attn, mask, backend="torch")
+    ar, kl, js = np_metrics(attn.numpy(), mask.numpy())
+    if attn.sum() == 0 or not mask.any():
+        assert torch.isnan(m.ar) and torch.isnan(m.kl) and torch.isnan(m.js)
+        return
+    assert m.kl >= -1e-6 and -1e-7 <= m.js <= math.log(2) + 1e-6 and m.ar >= 0
+    np.testing.assert_allclose([m.ar.item(), m.kl.item(), m.js.item()], [ar, kl, js], rtol=1e-5, atol=1e-6)
