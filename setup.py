@@ -48,9 +48,13 @@ def _cuda_extension():
         "vgkernels._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
+        # cxx: no -std, so torch's build helper picks the standard its headers need (C++20
+        # for recent torch). nvcc compiles only the torch-free kernels. No --use_fast_math:
+        # the kernels rely on IEEE -inf/NaN handling (empty rows, NaN metric rows), and the
+        # exp2f of the softmax maps to the hardware ex2 instruction without it.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode,
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode,
         },
     )
     return [ext], {"build_ext": BuildExtension}
@@ -65,7 +69,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vgkernels", "vgkernels.triton", "vgkernels.integrations"],
+    packages=["vgkernels", "vgkernels.triton", "vgkernels.integrations", "vgkernels.sweep"],
     package_dir={"vgkernels": "vgkernels", "vgkernels.integrations": "integrations"},
     install_requires=[
         "torch>=2.4",
