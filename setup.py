@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,7 +69,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vgkernels", "vgkernels.triton", "vgkernels.integrations", "vgkernels.sweep"],
+    packages=find_packages(include=["vgkernels", "vgkernels.*"]) + ["vgkernels.integrations"],
     package_dir={"vgkernels": "vgkernels", "vgkernels.integrations": "integrations"},
     install_requires=[
         "torch>=2.4",
