@@ -1,0 +1,170 @@
+"""Splice family: LLaVA-codebase models whose image features replace a sentinel id before
+a transformers CausalLM runs.
+
+Covered: HuatuoGPT-Vision (``LlavaQwen2ForCausalLM``, a Qwen2 LLM), the original LLaVA-1.5
+and LLaVA-Med (``LlavaLlamaForCausalLM``, ``LlavaMistralForCausalLM``), VILA / VILA-M3 /
+NVILA (``LlavaLlamaModel`` with the LLM at ``.llm``). Their code cannot be installed here;
+the tests use the stand-ins of :mod:`vgkernels.tiny`.
+
+The contract this shim relies on (and nothing more):
+
+1. **Where the LLM sits.** ``model.llm`` when it exists (VILA), else the model itself is
+   the CausalLM (LLaVA codebase: the class subclasses ``Qwen2ForCausalLM`` /
+   ``LlamaForCausalLM``). The decoder layers are then ``<llm>.model.layers``, transformers
+   modules whose attention goes through ``config._attn_implementation``.
+2. **What the user passes.** ``forward(input_ids, attention_mask, images, ...)`` or
+   ``generate(inputs | input_ids, images, attention_mask, ...)`` with ``input_ids`` holding
+   ``IMAGE_TOKEN_INDEX = -200`` once per image (``tokenizer_image_token``). The shim reads
+   those ids and the user's ``attention_mask`` from the call; ``image_sizes`` (PIL
+   ``(width, height)`` per image) when the call has them.
+3. **How the splice works.** For each sample, the real ids in order with the ``i``-th
+   sentinel replaced by the ``N`` feature rows of its image; samples padded to the longest,
+   on either side (``tokenizer_padding_side``). The LLM then receives ``inputs_embeds`` and
+   the new ``attention_mask``. Every image of a model has the same ``N`` (a fixed grid).
+   So in the mask the decoder receives, sample ``b``'s real tokens are one contiguous run
+   starting at ``f_b``; with ``T_b`` text tokens and ``m_b`` sentinels,
+   ``N = (real length − T_b) / m_b``, and image ``j`` starts at ``f_b + k_j + j(N − 1)``
+   where ``k_j`` is the sentinel's index among the real ids. The shim checks that the
+   counts add up and raises otherwise (e.g. after the codebase's truncation to
+   ``tokenizer_model_max_length``).
+4. **How N maps to the image.** ``N = g²`` tokens of a square ``g × g`` grid. LLaVA-1.5 /
+   HuatuoGPT / LLaVA-Med emit it row-major. VILA-1.5 / VILA-M3's ``mlp_downsample``
+   projector (``config.mm_projector_type == "mlp_downsample"``) reshapes with its
+   ``flat_square`` so that the merged tokens come **column-major**: sequence token ``s``
+   sits at ``(y, x) = (s mod g, s div g)``. The shim reorders to row-major
+   (``extra["sequence_order"]``); ``token_order="row" | "column"`` overrides the rule.
+5. **Geometry** (``config.image_aspect_ratio``): ``"pad"`` is ``expand2square`` (pad the
+   short side, centred, with the mean colour) then resize to the tower's side; ``"resize"``
+   squashes to a square; anything else is CLIP's shortest-side resize and centre crop.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import (Shim, call_arg, expand2square_cells, find_decoder, layout, perfect_square, resize_crop_cells,
+                   size_pairs, squash_cells)
+
+IMAGE_TOKEN_INDEX = -200
+
+
+class SpliceShim(Shim):
+    family = "splice"
+
+    def __init__(self, model, processor=None, token_order: Optional[str] = None, image_side: Optional[int] = None):
+        super().__init__(model, processor)
+        cfg = getattr(model, "config", None)
+        if token_order is None:
+            token_order = "column" if getattr(cfg, "mm_projector_type", None) == "mlp_downsample" else "row"
+        if token_order not in ("row", "column"):
+            raise ValueError(f"splice: token_order must be 'row' or 'column', got {token_order!r}")
+        self.token_order = token_order
+        self.aspect = getattr(cfg, "image_aspect_ratio", "pad")
+        self.side = image_side or _processed_side(model, processor)
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        if hasattr(model, "prepare_inputs_labels_for_multimodal"):
+            return True
+        cfg = getattr(model, "config", None)
+        has_llm = hasattr(model, "llm") and hasattr(getattr(model, "llm"), "generate")
+        return has_llm and (hasattr(model, "mm_projector") or hasattr(cfg, "mm_projector_type"))
+
+    def llm(self):
+        return getattr(self.model, "llm", None) or self.model
+
+    def decoder(self):
+        return find_decoder(self.llm())
+
+    def generate_owners(self) -> list:
+        owners = [self.model]
+        if self.llm() is not self.model:
+            owners.append(self.llm())
+        return owners
+
+    def observe(self, args, kwargs):
+        ids = call_arg(args, kwargs, "input_ids", 0)
+        if ids is None:
+            ids = call_arg(args, kwargs, "inputs")
+        if ids is None or not isinstance(ids, torch.Tensor):
+            return None  # an inner call with inputs_embeds: keep the outer call's record
+        return {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"), "image_sizes": kwargs.get("image_sizes")}
+
+    def spans(self, record, mask, image_sizes):
+        ids = record.get("input_ids")
+        if ids is None:
+            raise ValueError("splice: no call with input_ids (holding the -200 image sentinel) preceded this prefill")
+        umask = record.get("attention_mask")
+        umask = torch.ones_like(ids, dtype=torch.bool) if umask is None else umask.to(torch.bool)
+        if ids.shape[0] != mask.shape[0]:
+            raise ValueError(f"splice: the call had {ids.shape[0]} samples, the LLM received {mask.shape[0]}")
+        found = []
+        for b in range(ids.shape[0]):
+            real = ids[b][umask[b].to(ids.device)]
+            sent = torch.nonzero(real == IMAGE_TOKEN_INDEX).flatten().tolist()
+            if not sent:
+                raise ValueError(
+                    f"splice: sample {b} has no image sentinel (IMAGE_TOKEN_INDEX={IMAGE_TOKEN_INDEX}) in input_ids"
+                )
+            pos = torch.nonzero(mask[b]).flatten()
+            R = pos.numel()
+            f = int(pos[0]) if R else 0
+            if R and int(pos[-1]) - f + 1 != R:
+                raise ValueError(f"splice: sample {b}'s real tokens are not contiguous in the LLM's attention_mask")
+            n_all = R - (real.numel() - len(sent))
+            if n_all <= 0 or n_all % len(sent):
+                raise ValueError(
+                    f"splice: sample {b} has {len(sent)} sentinel(s) and {real.numel() - len(sent)} text tokens, but the "
+                    f"LLM received {R} real tokens; the splice does not add up (truncated?)"
+                )
+            n = n_all // len(sent)
+            found.append([(f + k + j * (n - 1), n) for j, k in enumerate(sent)])
+        ns = {n for per in found for _, n in per}
+        if len(ns) > 1:
+            raise ValueError(f"splice: images got different token counts {sorted(ns)}; the family has a fixed grid")
+        n_images = sum(len(p) for p in found)
+        sizes = size_pairs(image_sizes, n_images, "splice")
+        if sizes is None and record.get("image_sizes") is not None:
+            sizes = size_pairs(record["image_sizes"], n_images, "splice, from the call's image_sizes")
+        out, i = [], 0
+        for per in found:
+            lays = []
+            for s, n in per:
+                g = perfect_square(n, "splice")
+                size = sizes[i] if sizes is not None else None
+                cells = self._cells((g, g), size)
+                extra = {"family": "splice"}
+                if self.token_order == "column":
+                    t = torch.arange(n)
+                    # row-major token t = (y, x) sits at sequence offset x·g + y
+                    extra["sequence_order"] = (t % g) * g + t // g
+                lays.append(layout(s, cells, (g, g), size, **extra))
+                i += 1
+            out.append(lays)
+        return out
+
+    def _cells(self, grid, size):
+        side = self.side or grid[0]
+        if self.aspect == "pad":
+            return expand2square_cells(grid, size, side)
+        if self.aspect == "resize":
+            return squash_cells(grid, size, (side, side))
+        return resize_crop_cells(grid, size, side, (side, side))
+
+
+def _processed_side(model, processor) -> Optional[int]:
+    """The side of the square image the vision tower receives, from wherever it is found."""
+    for obj, attr in ((processor, "image_size"), (getattr(processor, "image_processor", None), "crop_size")):
+        v = getattr(obj, attr, None) if obj is not None else None
+        if isinstance(v, dict):
+            v = v.get("height")
+        if isinstance(v, int):
+            return v
+    get = getattr(model, "get_vision_tower", None)
+    vt = get() if callable(get) else getattr(model, "vision_tower", None)
+    for obj in (vt, getattr(vt, "config", None)):
+        v = getattr(obj, "image_size", None) if obj is not None else None
+        if isinstance(v, int):
+            return v
+    return None
