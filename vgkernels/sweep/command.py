@@ -1,0 +1,279 @@
+"""``vgkernels sweep``: grounding metrics of a model over a dataset, batched and resumable.
+
+Example (GPU, a real checkpoint, the authors' COCO questions)::
+
+    torchrun --nproc-per-node 4 -m vgkernels sweep --model /ckpt/llava-1.5-7b-hf \\
+        --data COCO_localization_questions.jsonl --image-root /data/coco/val2014 \\
+        --image-pattern 'COCO_val2014_{image:012d}.jpg' --out runs/llava-coco --batch-size 16
+
+Outputs (see :mod:`vgkernels.sweep.store` and :mod:`vgkernels.sweep.report`): merged
+metrics, ``summary/`` tables, ``plots/`` and ``rejects.jsonl``. Re-running the same
+command after an interruption continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from . import dist
+from .datasets import FORMATS, Reject, load_samples
+from .metrics import MASK_MODES, sample_mask, sample_metrics
+from .runner import DEFAULT_ANSWER_SUFFIX, DEFAULT_REFERENCE, Encoder, MapRunner
+from .store import FORMAT_VERSION, SampleResult, ShardWriter, check_or_write_meta, done_ids, merge
+
+
+def add_arguments(p):
+    p.add_argument("--model", default="tiny-llava",
+                   help="local Hugging Face model directory, or a built-in tiny model (tiny-llava, tiny-llava-next, "
+                        "tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-splice, tiny-splice-vila), optionally with sizes: "
+                        "tiny-llava:num_layers=8,num_heads=8 (default tiny-llava)")
+    p.add_argument("--data", required=True, nargs="+", help="question file(s): authors' JSONL, manifest JSONL or "
+                                                             "COCO instances_*.json")
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--image-root", default=None, help="folder the image ids / paths are relative to")
+    p.add_argument("--image-pattern", default="{image}",
+                   help="file name of an image id under --image-root, Python format syntax (default '{image}', "
+                        "then .jpg/.jpeg/.png are tried); e.g. 'COCO_val2014_{image:012d}.jpg'")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--reference-prompt", default=DEFAULT_REFERENCE)
+    p.add_argument("--answer-suffix", default=DEFAULT_ANSWER_SUFFIX,
+                   help="line appended to the question and the reference prompt ('' for none)")
+    p.add_argument("--layers", default="all", help="decoder layers to capture: all, or e.g. 0,4,8 or 10-20")
+    p.add_argument("--mask", default="auto", choices=MASK_MODES,
+                   help="ground truth: gt_tokens when the model's grid is 24x24, else boxes (auto)")
+    p.add_argument("--save-maps", action="store_true", help="keep every sample's raw maps (float16, scaled)")
+    p.add_argument("--overlays", type=int, default=6, help="samples whose maps are kept and drawn in overlays.png")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers decoding images per rank (default: 0 on CPU, up to 4 on GPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on CUDA, float32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--attn-implementation", default=None, help="attention of uncaptured layers (default: the model's)")
+    p.add_argument("--backend", default="auto", help="vgkernels kernel backend for patch_model")
+    p.add_argument("--seed", type=int, default=0, help="seed of tiny weights and COCO question templates")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--no-prefix-sharing", action="store_true",
+                   help="run both prompts in full instead of sharing the image prefix's KV cache")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    # Seconds to sleep after each batch: lets tests interrupt a sweep mid-run.
+    p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def default_workers(device, world: int = 1) -> int:
+    """Image-decoding workers per rank: none on CPU, where the model's own intra-op
+    threads already use every core (an extra busy process makes them wait on each
+    other); on a GPU up to 4, sharing the cores with the other ranks of this node."""
+    if torch.device(device).type == "cpu":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // max(1, world) - 1))
+
+
+def parse_layers(text: str, L: int) -> list:
+    if text in (None, "", "all"):
+        return list(range(L))
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out += list(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    bad = [l for l in out if not 0 <= l < L]
+    if bad or not out:
+        raise ValueError(f"--layers: {text!r} names layers {bad or 'none'}; the model has layers 0..{L - 1}")
+    return sorted(set(out))
+
+
+class _Prepared(torch.utils.data.Dataset):
+    def __init__(self, samples, encoder):
+        self.samples, self.encoder = samples, encoder
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.encoder(self.samples[i])
+
+
+def _as_list(x):
+    return x
+
+
+def _length_key(sample, dynamic: bool):
+    """Sort key grouping samples of similar prompt length: image size first for families
+    whose token count depends on it (the header read is cheap), then question length."""
+    size = (0, 0)
+    if dynamic:
+        try:
+            from PIL import Image
+
+            with Image.open(sample.image) as im:
+                size = im.size
+        except OSError:
+            pass
+    return (size, len(sample.question), sample.index)
+
+
+def _split_by_prefix(items):
+    groups = {}
+    for it in items:
+        groups.setdefault(it.P, []).append(it)
+    return list(groups.values())
+
+
+def _results(mb, items, mask_mode, keep_maps, backend):
+    out = []
+    for b, it in enumerate(items):
+        lay = mb.layouts[b]
+        n = int(lay.N)
+        mq, mr = mb.maps_q[b, :, :, :n], mb.maps_ref[b, :, :, :n]
+        mask, kind = sample_mask(it.sample, lay, mask_mode)
+        head, layer = sample_metrics(mq, mr, mask.to(mq.device), backend=backend)
+        keep = keep_maps(it.sample)
+        out.append(SampleResult(it.sample, head, layer, n, tuple(lay.grid), kind, int(mask.sum()),
+                                it.image_size,
+                                mq.cpu().numpy() if keep else None, mr.cpu().numpy() if keep else None,
+                                lay.cells.cpu().numpy() if keep else None))
+    return out
+
+
+def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_size: int = 8,
+          reference: str = DEFAULT_REFERENCE, answer_suffix: Optional[str] = DEFAULT_ANSWER_SUFFIX,
+          mask: str = "auto", save_maps: bool = False, overlays: int = 6, workers: int = 0,
+          prefix_sharing: bool = True, backend: str = "auto", fingerprint: Optional[dict] = None,
+          info: Optional[dist.DistInfo] = None, progress: bool = True, report: bool = True,
+          throttle: float = 0.0, log=print) -> dict:
+    """Run (or resume) a sweep of ``bundle`` over ``samples`` into ``out``.
+
+    Every rank calls this with the same ``samples``; each takes its share, and rank 0
+    merges and reports. Returns ``{"done": n_new, "seconds": t, "merged": {...}}``.
+    """
+    info = info or dist.DistInfo()
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    L_total, H = bundle.n_layers_heads()
+    layers = list(range(L_total)) if layers is None else list(layers)
+    meta = {"format_version": FORMAT_VERSION, "model": bundle.name, "family": bundle.family, "L": len(layers),
+            "H": H, "layers": layers, "reference_prompt": reference, "answer_suffix": answer_suffix,
+            "n_samples": len(samples), "mask": mask,
+            "fingerprint": dict(fingerprint or {}, model=bundle.name, layers=layers, reference=reference,
+                                answer_suffix=answer_suffix, mask=mask)}
+    if info.is_main:
+        check_or_write_meta(out, meta, write=True)
+    dist.barrier(info)
+    check_or_write_meta(out, meta, write=False)
+    writer = ShardWriter(out, info.rank, len(layers), H)
+    dist.barrier(info)  # every rank has repaired its tail before anyone reads the done ids
+    finished = done_ids(out)
+    dynamic = bundle.family in ("qwen2-vl", "qwen2.5-vl", "llava-next")
+    ordered = sorted(samples, key=lambda s: _length_key(s, dynamic))
+    mine = [s for s in dist.shard(ordered, info) if s.sid not in finished]
+    batches = [list(range(i, min(i + batch_size, len(mine)))) for i in range(0, len(mine), batch_size)]
+    encoder = Encoder(bundle, reference, answer_suffix, prefix_sharing)
+    runner = MapRunner(bundle, layers=layers, prefix_sharing=prefix_sharing, backend=backend)
+    loader = torch.utils.data.DataLoader(_Prepared(mine, encoder), batch_sampler=batches, num_workers=workers,
+                                         collate_fn=_as_list)
+    keep_maps = lambda s: save_maps or s.index < overlays
+    if info.is_main and len(finished):
+        log(f"resuming: {len(finished)} samples already done")
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), unit="sample", desc=f"sweep rank 0/{info.world}", dynamic_ncols=True,
+                   file=sys.stderr)
+    t0 = time.perf_counter()
+    n_done = 0
+    try:
+        for items in loader:
+            results, rejects = [], []
+            for it in items:
+                if it.error is not None:
+                    rejects.append(Reject(it.sample.source, it.sample.line, it.error, it.sample.sid))
+            good = [it for it in items if it.error is None]
+            for group in _split_by_prefix(good):
+                try:
+                    results += _results(runner.run(group), group, mask, keep_maps, backend)
+                except (ValueError, RuntimeError) as e:
+                    if len(group) == 1:
+                        rejects.append(Reject(group[0].sample.source, group[0].sample.line,
+                                              f"{type(e).__name__}: {e}", group[0].sample.sid))
+                        continue
+                    # One bad sample must not cost its batch: retry one by one.
+                    for it in group:
+                        try:
+                            results += _results(runner.run([it]), [it], mask, keep_maps, backend)
+                        except (ValueError, RuntimeError) as e1:
+                            rejects.append(Reject(it.sample.source, it.sample.line,
+                                                  f"{type(e1).__name__}: {e1}", it.sample.sid))
+            writer.append(results)
+            writer.reject(rejects)
+            n_done += len(items)
+            if bar is not None:
+                bar.update(len(items))
+            if throttle:
+                time.sleep(throttle)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    dist.barrier(info)
+    merged = None
+    if info.is_main:
+        merged = merge(out, list(parse_rejects))
+        rate = n_done / seconds if seconds > 0 else float("nan")
+        log(f"swept {n_done} samples in {seconds:.1f} s ({rate:.2f} samples/s on rank 0 of {info.world}); "
+            f"merged {merged['samples']} samples, {merged['rejects']} rejects -> {out}")
+        if report:
+            from .report import write_report
+
+            rep = write_report(out, overlays=overlays)
+            log(rep["text"])
+            for k, v in rep["paths"].items():
+                log(f"  {k}: {v}")
+    dist.barrier(info)
+    return {"done": n_done, "seconds": seconds, "merged": merged}
+
+
+def run(args) -> int:
+    from .models import load_model
+
+    info = dist.init(args.device)
+    try:
+        if args.overwrite and info.is_main and os.path.isdir(args.out):
+            shutil.rmtree(args.out)
+        dist.barrier(info)
+        bundle = load_model(args.model, device=dist.device_for(info, args.device), dtype=args.dtype,
+                            attn_implementation=args.attn_implementation, seed=args.seed)
+        samples, rejects = load_samples(args.data, fmt=args.format, image_root=args.image_root,
+                                        image_pattern=args.image_pattern, seed=args.seed, limit=args.limit)
+        L, _ = bundle.n_layers_heads()
+        layers = parse_layers(args.layers, L)
+        workers = args.workers if args.workers is not None else default_workers(bundle.device, info.world)
+        fp = {"data": [os.path.abspath(d) for d in args.data], "format": args.format,
+              "image_root": os.path.abspath(args.image_root) if args.image_root else None,
+              "image_pattern": args.image_pattern, "seed": args.seed, "dtype": args.dtype}
+        if info.is_main:
+            print(f"{len(samples)} samples, {len(rejects)} rows rejected while parsing; model {bundle.name} "
+                  f"({bundle.family}, {L} layers x {bundle.n_layers_heads()[1]} heads) on {bundle.device}; "
+                  f"{info.world} rank(s)")
+        sweep(bundle, samples, args.out, parse_rejects=rejects, layers=layers, batch_size=args.batch_size,
+              reference=args.reference_prompt, answer_suffix=args.answer_suffix or None, mask=args.mask,
+              save_maps=args.save_maps, overlays=args.overlays, workers=workers,
+              prefix_sharing=not args.no_prefix_sharing, backend=args.backend, fingerprint=fp, info=info,
+              progress=not args.no_progress, report=not args.no_report, throttle=args.throttle,
+              log=(print if info.is_main else (lambda *a, **k: None)))
+    finally:
+        dist.finish(info)
+    return 0

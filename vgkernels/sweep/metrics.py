@@ -1,0 +1,82 @@
+"""From captured maps to the sweep's metrics (SPEC §3).
+
+For one sample with question maps ``α (L, H, N)``, reference-prompt maps ``ρ (L, H, N)``
+and ground-truth token mask ``m (N,)``:
+
+- per layer (Fig. 3): ``A^ℓ = mean_h α^{ℓ,h}``; metrics of ``A^ℓ`` against ``m``, and of
+  ``A^ℓ / R^ℓ`` with ``R^ℓ = mean_h ρ^{ℓ,h}`` (the paper's reference normalisation);
+- per head (Fig. D.1): metrics of ``α^{ℓ,h}``, and of ``α^{ℓ,h} / R^ℓ`` — each head is
+  divided by its layer's **head-mean** reference, the same division VGRefine's triage
+  applies to the heads it aggregates (SPEC §4), so a head ranked on ``kl_ref`` is ranked
+  on exactly the quantity triage uses. (A head's own reference map would be noisier:
+  single heads often put near-zero mass on most tokens, and the ratio then explodes.)
+
+Reference probabilities that underflowed to 0 are floored at the smallest normal
+float32 so that the division stays finite.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..layout import ImageLayout, box_mask, gt_tokens_mask
+
+OFFICIAL_GRID = (24, 24)
+MASK_MODES = ("auto", "bbox", "gt_tokens")
+_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def sample_mask(sample, layout: ImageLayout, mode: str = "auto"):
+    """Ground-truth token mask ``(N,)`` bool of one sample, and which source made it.
+
+    ``auto``: the authors' ``gt_tokens`` when the sample has them and the model's image
+    is exactly the 24×24 grid they were made for (``grid == (24, 24)`` and ``N == 576``);
+    otherwise the boxes through ``box_mask`` on the model's own token cells.
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask: expected one of {MASK_MODES}, got {mode!r}")
+    fits = tuple(layout.grid) == OFFICIAL_GRID and layout.N == OFFICIAL_GRID[0] * OFFICIAL_GRID[1]
+    if mode == "gt_tokens" or (mode == "auto" and sample.gt_tokens is not None and fits):
+        if sample.gt_tokens is None:
+            raise ValueError(f"sample {sample.sid}: --mask gt_tokens but the row has no gt_tokens")
+        if not fits:
+            raise ValueError(f"sample {sample.sid}: gt_tokens are 24x24 cells but the model's image has "
+                             f"grid {tuple(layout.grid)} with N={layout.N}; use --mask bbox")
+        return gt_tokens_mask(sample.gt_tokens, OFFICIAL_GRID), "gt_tokens"
+    return box_mask(layout, sample.boxes), "bbox"
+
+
+def cpu_safe_backend(backend: str, device) -> str:
+    """``"auto"`` means the plain PyTorch backend on CPU: under ``TRITON_INTERPRET=1``
+    (set by the test suite) "auto" would pick the Triton interpreter, which is for
+    checking kernels, not for running sweeps."""
+    if backend == "auto" and torch.device(device).type == "cpu":
+        return "torch"
+    return backend
+
+
+def sample_metrics(maps_q: torch.Tensor, maps_ref: torch.Tensor, mask: torch.Tensor, *, backend="auto"):
+    """``head (6, L, H)`` and ``layer (6, L)`` float32 numpy arrays, rows in
+    :data:`vgkernels.sweep.store.METRICS` order (ar, kl, js, ar_ref, kl_ref, js_ref).
+
+    ``maps_q``, ``maps_ref``: ``(L, H, N)`` float32, already cut to the sample's ``N``.
+    """
+    from .. import grounding_metrics
+
+    if maps_q.shape != maps_ref.shape or maps_q.dim() != 3:
+        raise ValueError(f"maps: expected matching (L, H, N) question and reference maps, got "
+                         f"{tuple(maps_q.shape)} and {tuple(maps_ref.shape)}")
+    if mask.shape != maps_q.shape[-1:]:
+        raise ValueError(f"mask: expected shape ({maps_q.shape[-1]},), got {tuple(mask.shape)}")
+    q = maps_q.float()
+    mask = mask.to(q.device)
+    backend = cpu_safe_backend(backend, q.device)
+    ref_layer = maps_ref.float().mean(dim=1).clamp_min(_TINY)  # (L, N)
+    lay_q = q.mean(dim=1)  # (L, N)
+    h = grounding_metrics(q, mask, backend=backend)
+    hr = grounding_metrics(q, mask, reference=ref_layer[:, None, :], backend=backend)
+    l_ = grounding_metrics(lay_q, mask, backend=backend)
+    lr = grounding_metrics(lay_q, mask, reference=ref_layer, backend=backend)
+    head = torch.stack([h.ar, h.kl, h.js, hr.ar, hr.kl, hr.js]).cpu().numpy().astype(np.float32)
+    layer = torch.stack([l_.ar, l_.kl, l_.js, lr.ar, lr.kl, lr.js]).cpu().numpy().astype(np.float32)
+    return head, layer
