@@ -12,8 +12,13 @@ import sys
 
 COMMANDS = {
     "quickstart": ("vgkernels.quickstart", "run the kernels on random tensors and print what they return"),
+    "sweep": ("vgkernels.sweep.command", "grounding metrics (AR/KL/JS per layer and head) of a model over a dataset"),
+    "heads": ("vgkernels.sweep.heads", "rank attention heads of a finished sweep by mean KL, write heads.json"),
+    "report": ("vgkernels.sweep.report", "redraw the tables and plots of a finished sweep"),
+    "demo": ("vgkernels.sweep.demo", "generate shapes-on-noise data and sweep a tiny model over it (about a minute)"),
+    "refine": ("vgkernels.refine_cli", "closed-ended VQA accuracy with and without VGRefine, with K/p/layer sweeps"),
 }
-DEFAULT_COMMAND = "quickstart"
+DEFAULT_COMMAND = "demo"
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,625 @@
+"""VGRefine: attention triage + attention knockout at inference time (paper Sec. 3).
+
+Given images and questions, :class:`VGRefine`
+
+(I) *triage*: takes the last prompt token's attention over the image at the top-K
+    grounding heads for the question prompt, divides it by the head-mean attention of
+    the same layers under the reference prompt ("Write a general description of the
+    image."), averages over the K heads and keeps the image tokens at or above the p-th
+    percentile (:func:`vgkernels.triage_mask`);
+(II) *knockout*: recomputes the prompt with the attention from the question tokens (the
+    first text token after the image through the last prompt token) to the dropped image
+    tokens removed at ``layers`` (``mode="renorm"``: the authors' additive ``-inf`` mask;
+    ``"zero"``: ``α̂ = α ⊙ M``), then decodes greedily.
+
+Cost. The authors run three full forward passes (eager attention, batch 1) and then
+``generate``. Here (see :mod:`vgkernels.refine_engine`), batched with padding:
+
+- the question prompt runs once — that prefill is the one a plain ``generate`` pays
+  anyway — with the model's own attention, plus one captured row per sample at the heads'
+  layers, and keeps its KV cache;
+- the reference prompt shares the prefix through the image, so only its text after the
+  image is computed: as extra rows of that same forward, which see the prefix but not the
+  question (``fold_reference``), or as a suffix pass on the cache;
+- the knockout pass recomputes only the question rows and only at layers
+  ``>= min(layers)``, from the hidden states the first pass produced at the input of that
+  layer and the cached prefix; its last row gives the first answer token, and greedy
+  decoding continues from the combined cache.
+
+A hyper-parameter sweep (:meth:`VGRefine.sweep`) pays the first two steps once and only
+the knockout suffix and decoding per distinct setting.
+
+Settings used in the paper (Sec. 4, Supp.):
+
+- HuatuoGPT-Vision-7B: ``heads="huatuogpt-vision-7b"`` (K = 20, ranked by lowest KL on
+  natural images), ``layers=[16]``, ``percentile=50``.
+- HuatuoGPT-Vision-34B: the same K = 20 and p = 50 with ``layers=[34, 35, 36]``
+  (``vgkernels.presets.LAYERS["huatuogpt-vision-34b"]``); its head list is not published,
+  derive it as below.
+- Another model: run a grounding sweep on natural images with boxes (the authors' COCO
+  question file), e.g. ``vgkernels sweep --model DIR --data coco.jsonl --out runs/coco``,
+  then ``vgkernels heads --sweep runs/coco --top-k 20`` writes ``heads.json`` (heads
+  ranked by lowest mean KL); pass its path as ``heads=``. Pick the knockout layer(s)
+  where the per-layer grounding (the sweep's layer table) peaks, as Fig. 3 of the paper.
+
+Example::
+
+    from vgkernels import VGRefine
+    vr = VGRefine(model, processor, heads="huatuogpt-vision-7b", layers=[16], percentile=50)
+    res = vr([img], ["Is there a lesion in the liver?\\nAnswer the question using a single word or phrase."],
+             baseline=True)
+    res.answers, res.baseline_answers, res.keep[0]
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import refine_engine as E
+from ._types import Knockout
+from .presets import resolve_heads
+from .triage import triage_mask
+
+REFERENCE_PROMPT = "Write a general description of the image."
+#: The LLaVA codebase's image sentinel (splice family).
+IMAGE_TOKEN_INDEX = -200
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One VGRefine hyper-parameter setting: top ``k`` heads (None: all given), percentile
+    ``p``, knockout ``layers`` and ``mode``."""
+
+    k: Optional[int] = None
+    p: float = 50.0
+    layers: tuple = (16,)
+    mode: str = "renorm"
+
+    def label(self) -> str:
+        k = "all" if self.k is None else str(self.k)
+        return f"K={k} p={self.p:g} layers={'+'.join(map(str, self.layers))}" + (
+            "" if self.mode == "renorm" else f" mode={self.mode}")
+
+
+@dataclass
+class RefineResult:
+    """What one :class:`VGRefine` call returns (batch of ``B`` questions).
+
+    ``answers``: decoded greedy answers with the knockout; ``tokens (B, G)`` their ids
+    (``pad`` after EOS); ``keep``: per sample a ``(N_b,)`` bool keep mask over its image
+    tokens (row-major, SPEC §1); ``logits``: the first answer token's logits ``(B, V)``.
+    With ``return_maps``: ``maps (B, Lc, H, Nmax)`` question-prompt maps at ``map_layers``,
+    ``reference (B, Lc, Nmax)`` head-mean reference maps (NaN beyond each sample's N).
+    With ``baseline``: ``baseline_answers`` / ``baseline_tokens`` / ``baseline_logits``
+    of plain greedy decoding of the same prompts. ``step_logits``: the ``(B, V)`` float32
+    logits of every decoding step (``step_logits[0] == logits``).
+    """
+
+    answers: list
+    tokens: torch.Tensor
+    keep: list
+    logits: torch.Tensor
+    setting: Setting
+    maps: Optional[torch.Tensor] = None
+    reference: Optional[torch.Tensor] = None
+    map_layers: Optional[list] = None
+    baseline_answers: Optional[list] = None
+    baseline_tokens: Optional[torch.Tensor] = None
+    baseline_logits: Optional[torch.Tensor] = None
+    step_logits: Optional[list] = None
+
+
+@dataclass
+class _Prepared:
+    """Pass I and the reference suffix of one batch: everything the settings reuse."""
+
+    cache: object
+    snap: list
+    T: int
+    key_mask: torch.Tensor  # (B, T) bool
+    pos: torch.Tensor  # (..., B, T) positions the text model used
+    last: torch.Tensor  # (B,) last real prompt column
+    span_start: torch.Tensor  # (B,)
+    span_len: torch.Tensor  # (B,)
+    first_logits: torch.Tensor  # (B, V) float32, pass I at `last`
+    embeds: torch.Tensor  # (B, T, d) text-model input of pass I
+    hidden_at: dict  # layer -> (B, T, d) input of that layer in pass I
+    maps: torch.Tensor  # (B, Lc, H, Nmax)
+    reference: torch.Tensor  # (B, Lc, Nmax)
+    cap_layers: list
+    layout: list = field(default_factory=list)  # ImageLayout per sample
+    order: Optional[torch.Tensor] = None  # (B, Nmax): sequence offset of row-major token t
+
+    @property
+    def text_start(self) -> torch.Tensor:
+        return self.span_start + self.span_len
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _one_image(spans) -> list:
+    out = []
+    for b, per in enumerate(spans):
+        if len(per) != 1:
+            raise ValueError(f"VGRefine: sample {b} has {len(per)} images in its prompt; exactly one is supported")
+        out.append(per[0])
+    return out
+
+
+def _sequence_order(layouts, nmax: int, device) -> Optional[torch.Tensor]:
+    """``(B, Nmax)`` int64: the sequence offset of row-major token ``t`` (identity past ``N_b``),
+    or None when every sample is already row-major."""
+    if all(l.extra.get("sequence_order") is None for l in layouts):
+        return None
+    order = torch.arange(nmax, device=device).repeat(len(layouts), 1)
+    for b, l in enumerate(layouts):
+        so = l.extra.get("sequence_order")
+        if so is not None:
+            order[b, : l.N] = torch.as_tensor(so, dtype=torch.long, device=device)
+    return order
+
+
+def _to_row_major(maps: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+    """Maps over tokens in sequence order ``(B, L, H, N)`` -> row-major (SPEC §1)."""
+    if order is None:
+        return maps
+    idx = order[:, None, None, :].expand(*maps.shape[:-1], order.shape[-1])
+    return torch.gather(maps, -1, idx)
+
+
+class VGRefine:
+    """VGRefine on a loaded vision-language model (HF LLaVA / LLaVA-NeXT / Qwen2-VL /
+    Qwen2.5-VL, LLaVA-codebase splices such as HuatuoGPT-Vision, VILA).
+
+    Parameters
+    ----------
+    model, processor
+        The model (eval mode) and its processor (``processor(images=..., text=...)``).
+    heads
+        Ranked ``(layer, head)`` pairs: a preset name (:mod:`vgkernels.presets`), a
+        ``heads.json`` path, or a list. ``top_k`` keeps the first K (default: all).
+    layers
+        Knockout layers (0-based decoder layer indices).
+    percentile
+        ``p``: image tokens whose triage score is below the p-th percentile are knocked out.
+    mode
+        ``"renorm"`` (the authors' additive mask) or ``"zero"``.
+    reference_prompt
+        The generic prompt whose maps divide the question maps (``None``: no division).
+    prompt
+        ``text -> full prompt string`` with the image placeholder; default: the
+        processor's chat template with one image followed by ``text``.
+    max_new_tokens
+        Greedy decoding length (closed-ended answers are short).
+    backend
+        Kernel backend of the knockout layers (``"auto"``: Triton on CUDA, torch on CPU).
+    capture
+        How pass I takes the maps: ``"rows"`` keeps the model's own attention in every
+        layer and computes only the captured row's probabilities at the heads' layers
+        (the question rows are computed exactly as in a plain prefill); ``"patch_model"`` uses
+        :func:`vgkernels.patch_model` (the vgkernels kernels at those layers).
+    fold_reference
+        Compute the reference prompt's text in the same forward as the question prompt
+        (extra rows with their own mask) rather than as a suffix pass after it; needs an
+        ``sdpa`` or ``eager`` model (flash-attention takes no 4-D mask) and ``capture="rows"``.
+        It saves a pass over the weights (a GPU's cost for a few rows) but gives the prefill
+        an explicit mask, which makes CPU SDPA compute the whole ``S²`` instead of the
+        causal half; ``"auto"`` folds on CUDA only.
+    reuse_lower_layers
+        Skip the layers below the first knockout layer in the knockout pass (exact: those
+        rows are unchanged there). ``False`` recomputes the question rows at every layer.
+    """
+
+    def __init__(self, model, processor, heads="huatuogpt-vision-7b", layers: Sequence[int] = (16,),
+                 percentile: float = 50.0, mode: str = "renorm", reference_prompt: Optional[str] = REFERENCE_PROMPT,
+                 *, top_k: Optional[int] = None, prompt: Optional[Callable[[str], str]] = None,
+                 max_new_tokens: int = 16, backend: str = "auto", reuse_lower_layers: bool = True,
+                 capture: str = "rows", fold_reference="auto"):
+        from .integrations import get_shim
+
+        self.model, self.processor = model, processor
+        self.stack = E.text_stack(model)
+        if capture not in ("rows", "patch_model"):
+            raise ValueError(f"capture: expected 'rows' or 'patch_model', got {capture!r}")
+        self.capture = capture
+        if fold_reference not in ("auto", True, False):
+            raise ValueError(f"fold_reference: expected True, False or 'auto', got {fold_reference!r}")
+        self.fold_reference = fold_reference
+        self._shim = get_shim(model, processor=processor)
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        takes = "logits_to_keep" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+        self._keep_one = {"logits_to_keep": 1} if takes else {}
+        self.heads = resolve_heads(heads)
+        L = self.stack.num_layers
+        H = int(self._text_config().num_attention_heads)
+        bad = [(l, h) for l, h in self.heads if not (0 <= l < L and 0 <= h < H)]
+        if bad or not self.heads:
+            raise ValueError(f"heads: expected (layer, head) pairs with layer < {L} and head < {H}, "
+                             f"got {bad or 'an empty list'}")
+        self.default = self._setting(top_k, percentile, layers, mode)
+        self.reference_prompt = reference_prompt
+        self.prompt = prompt or self._chat
+        self.max_new_tokens = int(max_new_tokens)
+        self.backend = backend
+        self.reuse_lower_layers = bool(reuse_lower_layers)
+        tok = self.tokenizer
+        gc = getattr(model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+        if eos is None:
+            eos = tok.eos_token_id
+        self.eos = [int(e) for e in _as_list(eos) if e is not None]
+        pad = tok.pad_token_id
+        self.pad_id = int(pad if pad is not None else (self.eos[0] if self.eos else 0))
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def _text_config(self):
+        cfg = self.stack.decoder.config
+        return getattr(cfg, "text_config", None) or cfg
+
+    def _setting(self, k, p, layers, mode) -> Setting:
+        L = self.stack.num_layers
+        layers = tuple(sorted({int(l) for l in _as_list(layers)}))
+        if not layers or any(not 0 <= l < L for l in layers):
+            raise ValueError(f"layers: expected a non-empty list of decoder layer indices in [0, {L}), got {layers}")
+        if k is not None and not 1 <= int(k) <= len(self.heads):
+            raise ValueError(f"k: expected 1..{len(self.heads)} (the number of ranked heads), got {k}")
+        if not 0.0 <= float(p) <= 100.0:
+            raise ValueError(f"percentile: expected a value in [0, 100], got {p!r}")
+        if mode not in ("renorm", "zero"):
+            raise ValueError(f"mode: expected 'renorm' or 'zero', got {mode!r}")
+        return Setting(None if k is None else int(k), float(p), layers, mode)
+
+    def setting(self, k=None, p=50.0, layers=(16,), mode="renorm") -> Setting:
+        """A validated :class:`Setting` for :meth:`sweep`."""
+        return self._setting(k, p, layers, mode)
+
+    def _chat(self, text: str) -> str:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        proc = self.processor
+        tmpl = getattr(proc, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if tmpl is None:
+            return f"USER: <image>\n{text} ASSISTANT:"
+        return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def _backend(self, device) -> str:
+        if self.backend == "auto":
+            return "torch" if device.type != "cuda" else "auto"
+        return self.backend
+
+    def _image_token_id(self) -> Optional[int]:
+        cfg = self.model.config
+        for name in ("image_token_id", "image_token_index"):
+            v = getattr(cfg, name, None)
+            if v is not None:
+                return int(v)
+        return None
+
+    def _suffix_ids(self, text: str) -> list:
+        """Token ids of the prompt built from ``text`` after its (single) image placeholder."""
+        full = self.prompt(text)
+        proc = self.processor
+        if hasattr(proc, "tokenizer_image_token"):
+            ids = list(proc.tokenizer_image_token(full))
+            marker = IMAGE_TOKEN_INDEX
+        else:
+            ids = list(self.tokenizer(full, add_special_tokens=False).input_ids)
+            marker = self._image_token_id()
+        where = [i for i, t in enumerate(ids) if t == marker]
+        if len(where) != 1:
+            raise ValueError(f"reference prompt: expected exactly one image placeholder in {full!r}, found {len(where)}")
+        return ids[where[0] + 1:]
+
+    def _encode(self, images, texts):
+        proc = self.processor
+        if hasattr(proc, "tokenizer_image_token"):
+            inputs = proc(images=images, text=texts)
+        else:
+            inputs = proc(images=images, text=texts, return_tensors="pt", padding=True)
+        dev = self.stack.embed.weight.device
+        return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+    # ------------------------------------------------------------------ pass I + reference
+
+    def _cap_layers(self, settings: Sequence[Setting]) -> list:
+        kmax = max(len(self.heads) if s.k is None else s.k for s in settings)
+        return sorted({l for l, _ in self.heads[:kmax]})
+
+    @torch.no_grad()
+    def prepare(self, images, questions, settings: Sequence[Setting] = ()) -> "_Prepared":
+        """Pass I (question prompts, with their maps at the heads' layers) and the reference
+        suffix (its head-mean maps), for the batch and every setting in ``settings``."""
+        images, questions = _as_list(images), _as_list(questions)
+        if len(images) != len(questions) or not images:
+            raise ValueError(f"expected as many images as questions (>= 1), got {len(images)} and {len(questions)}")
+        settings = list(settings) or [self.default]
+        cap_layers = self._cap_layers(settings)
+        firsts = sorted({min(s.layers) for s in settings}) if self.reuse_lower_layers else []
+        inputs = self._encode(images, [self.prompt(q) for q in questions])
+        sizes = [tuple(im.size) if hasattr(im, "size") and not callable(im.size) else None for im in images]
+        sizes = None if any(z is None for z in sizes) else sizes
+        stack = self.stack
+        rec: dict = {}
+        dev = stack.embed.weight.device
+        plan = E.SuffixPlan(torch.ones(1, 1, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.long),
+                            torch.ones(1, dtype=torch.long), capture_layers=frozenset(cap_layers), passthrough=True)
+
+        def dec_hook(mod, args, kwargs):
+            if "kw" in rec:
+                return
+            emb = kwargs.get("inputs_embeds")
+            if emb is None:
+                raise ValueError("VGRefine: the text model was called without inputs_embeds in the prefill")
+            B, T = emb.shape[:2]
+            am = kwargs.get("attention_mask")
+            km = torch.ones(B, T, dtype=torch.bool, device=emb.device) if am is None else am.bool()
+            if km.dim() != 2:
+                raise ValueError(f"VGRefine: expected a 2-D attention mask in the prefill, got {tuple(km.shape)}")
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.arange(T, device=emb.device)[None].expand(B, T)
+            rec["kw"] = (emb, km, pos)
+            plan.key_mask = km
+            plan.capture_row = (T - 1) - torch.flip(km, dims=[1]).long().argmax(dim=1)
+            if self.capture == "rows":
+                rec["layout"] = lays = _one_image(self._shim.spans(record, km, sizes))
+                plan.span_start = torch.tensor([l.key_start for l in lays], device=emb.device)
+                plan.span_len = torch.tensor([l.N for l in lays], device=emb.device)
+                if fold:
+                    return self._fold_reference(kwargs, plan, ref_ids, rec)
+
+        def layer_hook(idx):
+            def hook(mod, args, kwargs):
+                rec.setdefault(idx, args[0] if args else kwargs["hidden_states"])
+            return hook
+
+        def out_hook(mod, args, kwargs, output):
+            if "hidden" not in rec:
+                rec["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        def shape_hook(mod, args, output):
+            stack.layer_tuple_len = len(output) if isinstance(output, tuple) else 0
+
+        # The reference rows ride along in pass I (see _fold_reference) when the model's
+        # attention takes a 4-D mask; otherwise they run as a suffix pass afterwards.
+        ref_ids = self._suffix_ids(self.reference_prompt) if self.reference_prompt is not None else None
+        if ref_ids is not None and not ref_ids:
+            raise ValueError("reference prompt: no tokens follow the image")
+        want = self.fold_reference if self.fold_reference != "auto" else dev.type == "cuda"
+        fold = bool(want and ref_ids and self.capture == "rows" and all(
+            (c._attn_implementation or "eager") in ("sdpa", "eager") for c in stack.attn_configs))
+        handles = [stack.decoder.register_forward_pre_hook(dec_hook, with_kwargs=True),
+                   stack.decoder.register_forward_hook(out_hook, with_kwargs=True),
+                   stack.layers[0].register_forward_hook(shape_hook)]
+        handles += [stack.layers[l].register_forward_pre_hook(layer_hook(l), with_kwargs=True) for l in firsts]
+        try:
+            if self.capture == "rows":
+                record = self._shim.observe((), inputs)
+                with E.suffix_attention(stack, plan):
+                    out = self.model(**inputs, use_cache=True, **self._keep_one)
+            else:
+                from .patching import patch_model
+
+                with patch_model(self.model, capture=cap_layers, processor=self.processor, image_sizes=sizes,
+                                 backend=self._backend(dev)) as vg:
+                    out = self.model(**inputs, use_cache=True, **self._keep_one)
+                rec["layout"], patched_maps = _one_image([[l] for l in vg.layout]), vg.maps
+        finally:
+            for h in handles:
+                h.remove()
+        emb, km, pos = rec["kw"]
+        lays = rec["layout"]
+        B, T = km.shape
+        last = plan.capture_row
+        start = torch.tensor([l.key_start for l in lays], device=dev)
+        length = torch.tensor([l.N for l in lays], device=dev)
+        order = _sequence_order(lays, int(length.max()), dev)
+        if self.capture == "rows":
+            maps = torch.stack([plan.maps[l] for l in cap_layers], dim=1)
+            maps = _to_row_major(maps, order)
+        else:
+            maps = patched_maps
+        # The LM head runs on each sample's last prompt row only (a plain generate's prefill
+        # also asks the model for the last position's logits alone).
+        first_logits = E.logits_at(stack, rec["hidden"], last)
+        cache = out.past_key_values
+        if "folded" in rec:
+            E.cache_restore(cache, E.cache_snapshot(cache), length=T)  # drop the reference rows
+        snap = E.cache_snapshot(cache)
+        prep = _Prepared(cache, snap, T, km, pos, last, start, length, first_logits, emb,
+                         {l: rec[l][:, :T] for l in firsts}, maps, None, cap_layers, layout=lays, order=order)
+        if "folded" in rec:
+            ref = torch.stack([plan.extra_maps[l] for l in cap_layers], dim=1)
+            prep.reference = _to_row_major(ref, order).mean(dim=2)
+        elif self.reference_prompt is not None:
+            prep.reference = self._reference(prep)
+        return prep
+
+    def _fold_reference(self, kwargs: dict, plan, ref_ids: list, rec: dict):
+        """Append the reference text after the ``T`` prompt columns of the prefill.
+
+        Row ``T + i`` is the reference prompt's ``i``-th token after the image: it sees the
+        columns before ``s_b`` (the shared prefix through the image) and the reference rows
+        before it, at positions continuing that of column ``s_b``; the prompt rows cannot
+        see it (causality). One forward thus yields the question rows, exactly as alone,
+        and the reference prompt's last row; the reference cache columns are dropped after.
+        Returns the new ``(args, kwargs)`` of the text model's forward.
+        """
+        emb, km, pos = rec["kw"]
+        B, T = km.shape
+        dev = emb.device
+        R = len(ref_ids)
+        s = plan.span_start + plan.span_len
+        ref_emb = self.stack.embed(torch.tensor(ref_ids, device=dev)[None].expand(B, R))
+        ref_pos = E.shift_positions(pos, s, torch.arange(R, device=dev))
+        cols = torch.arange(T + R, device=dev)
+        rows = cols
+        causal = cols[None, :] <= rows[:, None]  # (T+R, T+R)
+        keys_q = torch.cat([km, torch.zeros(B, R, dtype=torch.bool, device=dev)], 1)
+        keys_r = torch.cat([km & (cols[None, :T] < s[:, None]), torch.ones(B, R, dtype=torch.bool, device=dev)], 1)
+        is_ref = (rows >= T)[None, :, None]
+        allowed = causal[None] & torch.where(is_ref, keys_r[:, None, :], keys_q[:, None, :])
+        new = dict(kwargs)
+        new["inputs_embeds"] = torch.cat([emb, ref_emb.to(emb.dtype)], dim=1)
+        new["attention_mask"] = E.additive_mask(allowed, emb.dtype)
+        new["position_ids"] = torch.cat([pos, ref_pos.to(pos.dtype)], dim=-1)
+        if kwargs.get("cache_position") is not None:
+            new["cache_position"] = torch.arange(T + R, device=dev)
+        plan.key_mask = keys_q
+        plan.extra_row = torch.full((B,), T + R - 1, device=dev)
+        plan.extra_key_mask = keys_r
+        rec["folded"] = True
+        return (), new
+
+    def _reference(self, prep: _Prepared) -> torch.Tensor:
+        """Head-mean maps ``(B, Lc, Nmax)`` of the reference prompt's last token, computed as a
+        suffix on pass I's cache (the two prompts share every column before ``s_b``)."""
+        stack = self.stack
+        ids = self._suffix_ids(self.reference_prompt)
+        B, T = prep.key_mask.shape
+        dev = prep.key_mask.device
+        R = len(ids)
+        if R == 0:
+            raise ValueError("reference prompt: no tokens follow the image")
+        tok = torch.tensor(ids, device=dev)[None].expand(B, R)
+        emb = stack.embed(tok)
+        s = prep.text_start
+        pos = E.shift_positions(prep.pos, s, torch.arange(R, device=dev))
+        cols = torch.arange(T, device=dev)
+        km = torch.cat([prep.key_mask & (cols[None] < s[:, None]), torch.ones(B, R, dtype=torch.bool, device=dev)], 1)
+        plan = E.SuffixPlan(km, prep.span_start, prep.span_len, capture_layers=frozenset(prep.cap_layers),
+                            capture_row=torch.full((B,), T + R - 1, device=dev))
+        try:
+            with E.suffix_attention(stack, plan):
+                E.run_text(stack, emb, pos, plan.additive_mask(R, emb.dtype), prep.cache, first_column=T)
+        finally:
+            E.cache_restore(prep.cache, prep.snap)
+        maps = _to_row_major(torch.stack([plan.maps[l] for l in prep.cap_layers], dim=1), prep.order)
+        return maps.mean(dim=2)
+
+    # ------------------------------------------------------------------ triage + knockout
+
+    def keep_mask(self, prep: _Prepared, setting: Setting) -> torch.Tensor:
+        """Triage (step I): ``(B, Nmax)`` bool, False beyond each sample's N."""
+        heads = self.heads if setting.k is None else self.heads[: setting.k]
+        index = {l: i for i, l in enumerate(prep.cap_layers)}
+        local = [(index[l], h) for l, h in heads]
+        return triage_mask(prep.maps, local, reference=prep.reference, percentile=setting.p)
+
+    def _knockout(self, prep: _Prepared, keep: torch.Tensor, mode: str) -> Knockout:
+        # keep is row-major (SPEC §1); the kernel indexes keys in sequence order.
+        keep = torch.ones_like(keep).scatter(1, prep.order, keep) if prep.order is not None else keep
+        win, off, nmax = E._aligned_spans(prep.span_start, prep.span_len, prep.T)
+        B = keep.shape[0]
+        j = torch.arange(nmax, device=keep.device)
+        inside = (j[None] >= off[:, None]) & (j[None] < (off + prep.span_len)[:, None])
+        src = (j[None] - off[:, None]).clamp(0, keep.shape[1] - 1)
+        aligned = torch.where(inside, torch.gather(keep, 1, src), torch.ones_like(inside))
+        return Knockout(prep.text_start.long(), (prep.last + 1).long(), win.long(), aligned, mode)
+
+    @torch.no_grad()
+    def knockout_logits(self, prep: _Prepared, keep: torch.Tensor, setting: Setting, *, capture: bool = False):
+        """Step II prefill: recompute the question rows with the knockout; leaves the combined
+        cache in ``prep.cache``. Returns ``(logits (B, V), maps or None)``."""
+        stack = self.stack
+        B, T = prep.key_mask.shape
+        s_min = int(prep.text_start.min())
+        first = min(setting.layers) if self.reuse_lower_layers else 0
+        if self.reuse_lower_layers and first not in prep.hidden_at:
+            raise ValueError(f"setting {setting.label()}: layer {first} was not prepared; pass the setting to prepare()")
+        E.cache_restore(prep.cache, prep.snap)  # whatever ran since pass I (a decode) is dropped
+        E.cache_restore(prep.cache, prep.snap, length=s_min, from_layer=first)
+        rows = prep.hidden_at[first][:, s_min:] if first > 0 else prep.embeds[:, s_min:]
+        plan = E.SuffixPlan(prep.key_mask, prep.span_start, prep.span_len, knock_layers=frozenset(setting.layers),
+                            knockout=self._knockout(prep, keep, setting.mode), backend=self._backend(rows.device),
+                            capture_layers=frozenset(prep.cap_layers) if capture else frozenset(),
+                            capture_row=prep.last)
+        with E.suffix_attention(stack, plan), E.skip_layers(stack, first, rows):
+            hidden = E.run_text(stack, rows, prep.pos[..., s_min:], plan.additive_mask(T - s_min, rows.dtype),
+                                prep.cache, first_column=s_min)
+        logits = E.logits_at(stack, hidden, prep.last - s_min)
+        maps = torch.stack([plan.maps[l] for l in prep.cap_layers], dim=1) if capture else None
+        return logits, maps
+
+    def _decode(self, prep: _Prepared, first_logits: torch.Tensor, max_new_tokens: int):
+        B = prep.key_mask.shape[0]
+        last_pos = E.shift_positions(prep.pos, prep.last, torch.zeros(1, dtype=torch.long))
+        try:
+            toks, step_logits = E.greedy_decode(self.stack, first_logits, prep.cache, prep.key_mask, last_pos,
+                                                max_new_tokens=max_new_tokens, eos=self.eos, pad_id=self.pad_id)
+        finally:
+            E.cache_restore(prep.cache, prep.snap)
+        return toks, step_logits
+
+    def _text(self, toks: torch.Tensor) -> list:
+        out = []
+        for row in toks.tolist():
+            cut = []
+            for t in row:
+                if t in self.eos:
+                    break
+                cut.append(t)
+            out.append(self.tokenizer.decode(cut, skip_special_tokens=True).strip())
+        return out
+
+    # ------------------------------------------------------------------ public calls
+
+    @torch.no_grad()
+    def sweep(self, images, questions, settings: Sequence[Setting], *, baseline: bool = False,
+              return_maps: bool = False, max_new_tokens: Optional[int] = None) -> list:
+        """One :class:`RefineResult` per setting, from a single pass I and reference suffix.
+
+        Settings that give the same keep mask and layers share their decoding.
+        """
+        settings = [self._setting(s.k, s.p, s.layers, s.mode) if isinstance(s, Setting) else self.setting(*s)
+                    for s in settings]
+        if not settings:
+            raise ValueError("settings: expected at least one Setting")
+        G = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        prep = self.prepare(images, questions, settings)
+        base = None
+        if baseline:
+            bt, bl = self._decode(prep, prep.first_logits, G)
+            base = (self._text(bt), bt, prep.first_logits)
+        results, memo = [], {}
+        for st in settings:
+            keep = self.keep_mask(prep, st)
+            key = (keep.cpu().numpy().tobytes(), st.layers, st.mode)
+            if key not in memo:
+                logits, _ = self.knockout_logits(prep, keep, st)
+                toks, step_logits = self._decode(prep, logits, G)
+                memo[key] = (toks, logits, step_logits)
+            toks, logits, step_logits = memo[key]
+            keeps = [keep[b, : int(prep.span_len[b])].cpu() for b in range(keep.shape[0])]
+            r = RefineResult(self._text(toks), toks, keeps, logits, st, step_logits=step_logits)
+            if return_maps:
+                r.maps, r.reference, r.map_layers = prep.maps, prep.reference, list(prep.cap_layers)
+            if base is not None:
+                r.baseline_answers, r.baseline_tokens, r.baseline_logits = base
+            results.append(r)
+        return results
+
+    def __call__(self, images, questions, *, baseline: bool = False, return_maps: bool = False,
+                 max_new_tokens: Optional[int] = None) -> RefineResult:
+        """VGRefine answers for a batch (one image per question)."""
+        return self.sweep(images, questions, [self.default], baseline=baseline, return_maps=return_maps,
+                          max_new_tokens=max_new_tokens)[0]
+
+    @staticmethod
+    def grid(k: Sequence = (None,), p: Sequence = (50.0,), layers: Sequence = ((16,),), mode: str = "renorm"):
+        """The settings of a ``K × p × layers`` grid (unvalidated; :meth:`sweep` checks them)."""
+        out = []
+        for kk, pp, ll in itertools.product(k, p, layers):
+            out.append(Setting(None if kk is None else int(kk), float(pp), tuple(sorted(_as_list(ll))), mode))
+        return out

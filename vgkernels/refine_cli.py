@@ -1,0 +1,237 @@
+"""``vgkernels refine``: closed-ended VQA accuracy with and without VGRefine.
+
+::
+
+    vgkernels refine --model DIR_OR_TINY --data questions.jsonl --heads huatuogpt-vision-7b --out runs/rad
+    vgkernels refine --model tiny-llava --demo 24 --heads 2:1,1:0,3:3 --layers 2 --out /tmp/demo
+    vgkernels refine ... --sweep-k 1,2,5,8,10,15,20 --sweep-p 30,40,50,60,70,80,90 --sweep-layers "16;15,16"
+
+Rows are read by :mod:`vgkernels.refine_eval` (short answers and multiple choice with the
+paper's prompt templates). Every setting of the ``K × p × layers`` grid is evaluated from
+one capture per batch (:meth:`vgkernels.VGRefine.sweep`), next to plain greedy decoding
+("baseline").
+
+``OUT`` holds ``run.json`` (the arguments that fix the results), ``records.jsonl`` (one
+line per question: responses and correctness per method, the number of kept image
+tokens), ``summary.json`` and ``summary.md`` (accuracy overall, by kind and by gold option
+letter). A run that stops (crash, Ctrl-C) resumes from ``records.jsonl`` when started
+again with the same arguments: finished questions are neither recomputed nor duplicated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+RESULT_FIELDS = ("model", "data", "heads", "settings", "max_new_tokens", "reference_prompt", "seed", "dtype")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-llava",
+                   help="local Hugging Face model directory or a built-in tiny model (tiny-llava, tiny-llava-next, "
+                        "tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-splice, tiny-splice-vila)")
+    p.add_argument("--data", default=None, help="evaluation JSONL: image, question, answer[, options, id]")
+    p.add_argument("--demo", type=int, default=None, metavar="N",
+                   help="generate N rows of synthetic data into OUT/demo_data and evaluate them")
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--heads", default="huatuogpt-vision-7b",
+                   help="preset name, heads.json path, or pairs 'layer:head,layer:head,...' ranked best first")
+    p.add_argument("--layers", default="16", help="knockout layers, e.g. 16 or 34,35,36")
+    p.add_argument("--k", type=int, default=None, help="top-K heads (default: all given)")
+    p.add_argument("--p", type=float, default=50.0, help="percentile threshold (default 50)")
+    p.add_argument("--mode", default="renorm", choices=("renorm", "zero"))
+    p.add_argument("--sweep-k", default=None, help="comma-separated K values (replaces --k)")
+    p.add_argument("--sweep-p", default=None, help="comma-separated percentiles (replaces --p)")
+    p.add_argument("--sweep-layers", default=None, help="layer sets separated by ';', e.g. '16;34,35,36'")
+    p.add_argument("--reference-prompt", default=None, help="default: 'Write a general description of the image.'")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--backend", default="auto", help="kernel backend of the knockout layers")
+    p.add_argument("--seed", type=int, default=0, help="seed of tiny weights and demo data")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in OUT")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _ints(text: Optional[str], what: str) -> Optional[list]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: Optional[str], what: str) -> Optional[list]:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_heads(text: str):
+    """A preset / heads.json path, or ``'l:h,l:h'`` pairs."""
+    if ":" in text and not os.path.exists(text):
+        pairs = []
+        for item in text.replace(" ", "").split(","):
+            try:
+                l, h = item.split(":")
+                pairs.append((int(l), int(h)))
+            except ValueError:
+                raise ValueError(f"--heads: expected 'layer:head' pairs, got {item!r} in {text!r}") from None
+        return pairs
+    return text
+
+
+def build_settings(args) -> list:
+    from .refine import Setting
+
+    ks = _ints(args.sweep_k, "--sweep-k") or [args.k]
+    ps = _floats(args.sweep_p, "--sweep-p") or [args.p]
+    if args.sweep_layers:
+        sets = [tuple(_ints(part, "--sweep-layers")) for part in args.sweep_layers.split(";") if part.strip()]
+    else:
+        sets = [tuple(_ints(args.layers, "--layers"))]
+    return [Setting(k, p, tuple(sorted(ls)), args.mode) for ls in sets for k in ks for p in ps]
+
+
+def _load_model(args):
+    try:
+        from .sweep.models import load_model
+    except ImportError:  # pragma: no cover - the sweep package ships with vgkernels
+        load_model = None
+    if load_model is not None:
+        b = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+        return b.model, b.processor, b.name
+    from .tiny import build_tiny
+
+    model, proc = build_tiny(args.model, seed=args.seed)
+    return model.eval(), proc, args.model
+
+
+def _read_records(path: str) -> list:
+    """Finished records; a torn last line (a crash mid-write) is dropped from the file."""
+    if not os.path.exists(path):
+        return []
+    good, size = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            if not raw.endswith(b"\n"):
+                break
+            good.append(rec)
+            size += len(raw)
+    if size != os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(size)
+    return good
+
+
+def run(args) -> int:
+    import torch
+    from PIL import Image
+
+    from . import refine_eval as RE
+    from .refine import REFERENCE_PROMPT, VGRefine
+
+    if (args.data is None) == (args.demo is None):
+        raise SystemExit("vgkernels refine: give exactly one of --data FILE or --demo N")
+    os.makedirs(args.out, exist_ok=True)
+    data = args.data
+    if args.demo is not None:
+        data = RE.write_demo_data(os.path.join(args.out, "demo_data"), args.demo, seed=args.seed)
+    rows = RE.read_rows(data)
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    settings = build_settings(args)
+    heads = parse_heads(args.heads)
+    ref = REFERENCE_PROMPT if args.reference_prompt is None else args.reference_prompt
+
+    run_info = {
+        "model": args.model, "data": os.path.abspath(data), "heads": heads if isinstance(heads, str) else
+        [list(h) for h in heads], "settings": [s.label() for s in settings], "max_new_tokens": args.max_new_tokens,
+        "reference_prompt": ref, "seed": args.seed, "dtype": args.dtype,
+    }
+    run_path = os.path.join(args.out, "run.json")
+    rec_path = os.path.join(args.out, "records.jsonl")
+    if args.overwrite:
+        for p in (run_path, rec_path):
+            if os.path.exists(p):
+                os.remove(p)
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            old = json.load(f)
+        diff = [k for k in RESULT_FIELDS if old.get(k) != run_info.get(k)]
+        if diff:
+            raise SystemExit(f"vgkernels refine: {args.out} holds a run with different {', '.join(diff)}; "
+                             "use another --out or --overwrite")
+    else:
+        with open(run_path, "w") as f:
+            json.dump(run_info, f, indent=2)
+
+    records = _read_records(rec_path)
+    done = {r["id"] for r in records}
+    todo = [r for r in rows if r.id not in done]
+
+    model, processor, model_name = _load_model(args)
+    first = settings[0]
+    vr = VGRefine(model, processor, heads=heads, layers=first.layers, percentile=first.p, mode=first.mode,
+                  reference_prompt=ref, top_k=first.k, max_new_tokens=args.max_new_tokens, backend=args.backend)
+    settings = [vr.setting(s.k, s.p, s.layers, s.mode) for s in settings]
+    labels = ["baseline"] + [s.label() for s in settings]
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="refine", unit="q", file=sys.stderr)
+    with open(rec_path, "a") as out:
+        for i in range(0, len(todo), args.batch_size):
+            chunk = todo[i: i + args.batch_size]
+            images = []
+            for r in chunk:
+                try:
+                    with Image.open(r.image) as im:
+                        images.append(im.convert("RGB"))
+                except OSError as e:
+                    raise SystemExit(f"vgkernels refine: {data}:{r.line}: cannot read image {r.image!r} ({e})")
+            with torch.no_grad():
+                res = vr.sweep(images, [r.prompt() for r in chunk], settings, baseline=True)
+            for b, r in enumerate(chunk):
+                base = res[0].baseline_answers[b]
+                results = {"baseline": {"response": base, "correct": RE.is_correct(r, base)}}
+                for st, rr in zip(settings, res):
+                    ans = rr.answers[b]
+                    results[st.label()] = {"response": ans, "correct": RE.is_correct(r, ans),
+                                           "kept": int(rr.keep[b].sum()), "N": int(rr.keep[b].numel())}
+                rec = {"id": r.id, "line": r.line, "kind": r.kind, "question": r.question, "answer": r.answer,
+                       "results": results}
+                out.write(json.dumps(rec) + "\n")
+                records.append(rec)
+            out.flush()
+            os.fsync(out.fileno())
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+    order = {r.id: i for i, r in enumerate(rows)}
+    records = [r for r in records if r["id"] in order]
+    summary = RE.summarize(records, labels)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"model": model_name, "data": os.path.abspath(data), "n_rows": len(rows), "methods": summary}, f,
+                  indent=2)
+    table = RE.summary_table(summary)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(f"# VGRefine on {os.path.basename(data)} ({model_name})\n\n{table}\n")
+    print(table)
+    return 0

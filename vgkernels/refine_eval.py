@@ -1,0 +1,256 @@
+"""Closed-ended VQA evaluation for VGRefine: prompts, answer matching, data rows, scores.
+
+Prompts (the paper's Supp. I.2, LLaVA's evaluation templates):
+
+- short answer (VQA-RAD, SLAKE, PathVQA)::
+
+      <question>
+      Answer the question using a single word or phrase.
+
+- multiple choice (PMC-VQA, OmniMedVQA, MMMU)::
+
+      <question>
+      A. <option_1>
+      B. <option_2>
+      ...
+      Answer with the option's letter from the given choices directly.
+
+Matching. A short answer is correct when, lower-cased and stripped of surrounding
+punctuation, the gold answer is a substring of the response or the response of the gold
+answer (the authors' rule), and the response is not empty. A multiple-choice response
+is read as a letter (``"B"``, ``"(B)"``, ``"B. Liver"``, ``"The answer is B"``) or, failing
+that, as exactly one option's text; it is correct when that letter is the gold one.
+
+Data. A JSONL file, one question per line::
+
+    {"image": "img/001.png", "question": "Is there a fracture?", "answer": "yes"}
+    {"image": "img/002.png", "question": "Which organ is shown?", "options": ["Liver", "Lung", "Heart", "Brain"],
+     "answer": "B"}
+
+``image`` is a path relative to the JSONL file (or absolute); ``options`` a list (letters
+A, B, ... in order) or an object ``{"A": ..., "B": ...}``; for multiple choice ``answer``
+is the letter or the option text. Optional: ``id`` (default: the line number).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+from dataclasses import dataclass, field
+from typing import Optional
+
+SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+LETTERS = string.ascii_uppercase
+
+
+@dataclass
+class VQARow:
+    """One evaluation question. ``options`` is an ordered ``{letter: text}`` (empty for a
+    short answer); ``answer`` is the gold text, or the gold letter for multiple choice."""
+
+    id: str
+    image: str
+    question: str
+    answer: str
+    options: dict = field(default_factory=dict)
+    line: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "mc" if self.options else "short"
+
+    def prompt(self) -> str:
+        return format_prompt(self.question, self.options)
+
+
+def format_prompt(question: str, options: Optional[dict] = None) -> str:
+    """The paper's evaluation prompt for ``question`` (multiple choice when ``options``)."""
+    q = question.strip()
+    if options:
+        lines = [f"{k}. {v}" for k, v in options.items()]
+        return q + "\n" + "\n".join(lines) + "\n" + MC_INSTRUCTION
+    return q + "\n" + SHORT_INSTRUCTION
+
+
+_STRIP = string.whitespace + string.punctuation.replace("%", "")
+
+
+def normalize(text: str) -> str:
+    """Lower case, inner whitespace collapsed, surrounding punctuation removed."""
+    return " ".join(str(text).lower().split()).strip(_STRIP)
+
+
+def short_answer_correct(response: str, answer: str) -> bool:
+    """The authors' rule: ``answer in response or response in answer`` (normalised),
+    an empty response being wrong."""
+    r, a = normalize(response), normalize(answer)
+    if not r or not a:
+        return False
+    return a in r or r in a
+
+
+def choice_letter(response: str, options: dict) -> Optional[str]:
+    """The option letter a response picks, or None."""
+    letters = "".join(options)
+    text = response.strip()
+    m = re.match(rf"^[\(\[]?([{letters}])(?:[\)\]\.:,\s]|$)", text)
+    if m:
+        return m.group(1)
+    m = re.search(rf"(?:answer|option|choice)\s*(?:is|:)?\s*[\(\[]?([{letters}])\b", text, flags=re.IGNORECASE)
+    if m and m.group(1).upper() in options:
+        return m.group(1).upper()
+    m = re.search(rf"\b([{letters}])\b", text)
+    if m:
+        return m.group(1)
+    hits = [k for k, v in options.items() if normalize(v) and normalize(v) in normalize(text)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def is_correct(row: VQARow, response: str) -> bool:
+    if row.kind == "mc":
+        return choice_letter(response, row.options) == row.answer
+    return short_answer_correct(response, row.answer)
+
+
+class DataError(ValueError):
+    """A malformed evaluation row (``path:line: reason``)."""
+
+
+def parse_row(obj, path: str, line: int) -> VQARow:
+    where = f"{path}:{line}"
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("image", "question", "answer"):
+        if key not in obj or obj[key] in (None, ""):
+            raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(obj)})")
+    opts = obj.get("options") or {}
+    if isinstance(opts, list):
+        if len(opts) > len(LETTERS):
+            raise DataError(f"{where}: at most {len(LETTERS)} options, got {len(opts)}")
+        opts = {LETTERS[i]: str(o) for i, o in enumerate(opts)}
+    elif isinstance(opts, dict):
+        opts = {str(k).strip().upper(): str(v) for k, v in opts.items()}
+        if any(len(k) != 1 or k not in LETTERS for k in opts):
+            raise DataError(f"{where}: options keys must be single letters A, B, ..., got {sorted(opts)}")
+        opts = dict(sorted(opts.items()))
+    else:
+        raise DataError(f"{where}: options: expected a list or an object, got {type(opts).__name__}")
+    answer = str(obj["answer"]).strip()
+    if opts:
+        letter = answer.strip("()[]. ").upper()
+        if letter not in opts:
+            hits = [k for k, v in opts.items() if normalize(v) == normalize(answer)]
+            if len(hits) != 1:
+                raise DataError(f"{where}: answer {answer!r} is neither an option letter ({', '.join(opts)}) "
+                                "nor exactly one option's text")
+            letter = hits[0]
+        answer = letter
+    image = str(obj["image"])
+    if not os.path.isabs(image):
+        image = os.path.join(os.path.dirname(os.path.abspath(path)), image)
+    return VQARow(str(obj.get("id", line)), image, str(obj["question"]), answer, opts, line)
+
+
+def read_rows(path: str) -> list:
+    """Every row of an evaluation JSONL; the first malformed row raises :class:`DataError`."""
+    rows, seen = [], set()
+    with open(path) as f:
+        for i, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            row = parse_row(obj, path, i)
+            if row.id in seen:
+                raise DataError(f"{path}:{i}: duplicate id {row.id!r}")
+            seen.add(row.id)
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def summarize(records: list, labels: list) -> dict:
+    """Accuracy per method (``"baseline"`` and each setting label): overall, short-answer,
+    multiple-choice and multiple-choice by gold letter. ``records`` are the CLI's per-sample
+    dicts (``kind``, ``answer``, ``results: {label: {"correct": bool}}``)."""
+    out = {}
+    for label in labels:
+        tot = {"all": [0, 0], "short": [0, 0], "mc": [0, 0]}
+        by_letter: dict = {}
+        for r in records:
+            res = r["results"].get(label)
+            if res is None:
+                continue
+            ok = int(bool(res["correct"]))
+            for key in ("all", r["kind"]):
+                tot[key][0] += ok
+                tot[key][1] += 1
+            if r["kind"] == "mc":
+                c = by_letter.setdefault(r["answer"], [0, 0])
+                c[0] += ok
+                c[1] += 1
+        out[label] = {
+            "n": tot["all"][1],
+            "accuracy": _ratio(tot["all"]),
+            "short": _ratio(tot["short"]), "n_short": tot["short"][1],
+            "mc": _ratio(tot["mc"]), "n_mc": tot["mc"][1],
+            "mc_by_letter": {k: {"accuracy": _ratio(v), "n": v[1]} for k, v in sorted(by_letter.items())},
+        }
+    return out
+
+
+def _ratio(c) -> Optional[float]:
+    return None if c[1] == 0 else c[0] / c[1]
+
+
+def summary_table(summary: dict) -> str:
+    """A Markdown table of :func:`summarize`'s output (accuracies in %)."""
+    letters = sorted({k for v in summary.values() for k in v["mc_by_letter"]})
+    head = ["method", "n", "accuracy", "short", "mc"] + [f"mc {k}" for k in letters]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, v in summary.items():
+        cells = [label, str(v["n"]), _pct(v["accuracy"]), _pct(v["short"]), _pct(v["mc"])]
+        cells += [_pct(v["mc_by_letter"].get(k, {}).get("accuracy")) for k in letters]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+# ----------------------------------------------------------------------------- demo data
+
+
+def write_demo_data(directory: str, n: int = 12, seed: int = 0) -> str:
+    """Write ``n`` rows of generated data (noise images with a bright box; yes/no and
+    four-option questions) to ``directory/data.jsonl``; returns its path."""
+    import random
+
+    from .tiny import test_image
+
+    os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+    rnd = random.Random(seed)
+    path = os.path.join(directory, "data.jsonl")
+    with open(path, "w") as f:
+        for i in range(n):
+            w, h = rnd.choice([(64, 48), (48, 64), (56, 56), (80, 40)])
+            name = f"images/{i:04d}.png"
+            test_image(w, h, seed=seed * 1000 + i).save(os.path.join(directory, name))
+            if i % 2 == 0:
+                row = {"id": f"q{i}", "image": name, "question": "Is there a bright rectangle in the image?",
+                       "answer": rnd.choice(["yes", "no"])}
+            else:
+                opts = ["top", "bottom", "left", "right"]
+                row = {"id": f"q{i}", "image": name, "question": "Where is the bright rectangle?",
+                       "options": opts, "answer": LETTERS[rnd.randrange(4)]}
+            f.write(json.dumps(row) + "\n")
+    return path
