@@ -29,3 +29,13 @@ def gen(request):
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def pytest_report_header(config):
+    try:
+        import transformers
+
+        tf = f"transformers {transformers.__version__} ({os.path.dirname(transformers.__file__)})"
+    except ImportError:
+        tf = "transformers not installed"
+    return [f"torch {torch.__version__}, cuda available: {HAS_CUDA}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}", tf]

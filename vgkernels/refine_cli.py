@@ -184,9 +184,14 @@ def run(args) -> int:
 
     model, processor, model_name = _load_model(args)
     first = settings[0]
-    vr = VGRefine(model, processor, heads=heads, layers=first.layers, percentile=first.p, mode=first.mode,
-                  reference_prompt=ref, top_k=first.k, max_new_tokens=args.max_new_tokens, backend=args.backend)
-    settings = [vr.setting(s.k, s.p, s.layers, s.mode) for s in settings]
+    try:
+        vr = VGRefine(model, processor, heads=heads, layers=first.layers, percentile=first.p, mode=first.mode,
+                      reference_prompt=ref, top_k=first.k, max_new_tokens=args.max_new_tokens, backend=args.backend)
+        settings = [vr.setting(s.k, s.p, s.layers, s.mode) for s in settings]
+    except ValueError as e:
+        # The defaults are the HuatuoGPT-Vision-7B preset (layer 16); say so when they do not fit.
+        raise SystemExit(f"vgkernels refine: {e}\n(--heads defaults to 'huatuogpt-vision-7b' and --layers to 16; "
+                         f"give heads and layers that exist in {model_name})") from None
     labels = ["baseline"] + [s.label() for s in settings]
 
     bar = None
