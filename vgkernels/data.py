@@ -82,25 +82,33 @@ def parse_question(obj, path: str = "<row>", line: int = 0) -> QuestionRecord:
     return QuestionRecord(image, question, parsed, None if label is None else str(label), gt, extra, line)
 
 
-def iter_questions(path: str, *, errors: str = "raise") -> Iterator[Union[QuestionRecord, RowError]]:
-    """Rows of a question file. ``errors="raise"`` raises the first :class:`RowError`;
-    ``errors="yield"`` yields it in the row's place so a sweep can log and go on."""
-    if errors not in ("raise", "yield"):
-        raise ValueError(f"errors: expected 'raise' or 'yield', got {errors!r}")
+def iter_json_lines(path: str) -> Iterator[tuple[int, Union[object, RowError]]]:
+    """``(line, object)`` for every non-blank line of a JSONL file (1-based line numbers);
+    a line that is not JSON gives ``(line, RowError)`` instead, so readers can go on."""
     with open(path) as f:
         for i, text in enumerate(f, start=1):
             if not text.strip():
                 continue
             try:
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise RowError(path, i, f"not valid JSON ({e.msg} at column {e.colno})") from None
-                yield parse_question(obj, path, i)
-            except RowError as e:
-                if errors == "raise":
-                    raise
-                yield e
+                yield i, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield i, RowError(path, i, f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def iter_questions(path: str, *, errors: str = "raise") -> Iterator[Union[QuestionRecord, RowError]]:
+    """Rows of a question file. ``errors="raise"`` raises the first :class:`RowError`;
+    ``errors="yield"`` yields it in the row's place so a sweep can log and go on."""
+    if errors not in ("raise", "yield"):
+        raise ValueError(f"errors: expected 'raise' or 'yield', got {errors!r}")
+    for i, obj in iter_json_lines(path):
+        try:
+            if isinstance(obj, RowError):
+                raise obj
+            yield parse_question(obj, path, i)
+        except RowError as e:
+            if errors == "raise":
+                raise
+            yield e
 
 
 def read_questions(path: str) -> list[QuestionRecord]:

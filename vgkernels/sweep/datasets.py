@@ -36,7 +36,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..data import RowError, parse_question
+from ..data import RowError, iter_json_lines, parse_question
 
 # Supp. I.1 of the paper: "the question from a predefined question set is sampled".
 LOCALISATION_TEMPLATES = (
@@ -153,16 +153,10 @@ def _read_jsonl(path: str, fmt: str, image_root: Optional[str], pattern: str, st
     samples, rejects = [], []
     stem = os.path.splitext(os.path.basename(path))[0]
     base = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        lines = f.readlines()
-    for i, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
+    for i, obj in iter_json_lines(path):
         try:
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise RowError(path, i, f"not valid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(obj, RowError):
+                raise obj
             if fmt == "manifest" and isinstance(obj, dict) and "boxes" in obj and "bbox" not in obj:
                 obj = dict(obj)
                 obj["bbox"] = obj.pop("boxes")
