@@ -512,7 +512,9 @@ def patch_model(
     Parameters
     ----------
     capture : ``"all"``, a list of decoder layer indices, or None.
-    knockout : :class:`KnockoutPlan` or None.
+    knockout : :class:`KnockoutPlan` or None. With neither, no layer is touched and the
+        handle only records ``vg.layout`` at each prefill (``vg.maps`` stays None): the
+        cheap way to learn where the image sits, e.g. before running suffixes on a cache.
     family : ``"llava"``, ``"qwen"`` or ``"splice"`` to skip detection.
     processor : the model's processor, read for its transform parameters (crop size...).
     image_sizes : original ``(width, height)`` of each image of the next batch, so that
@@ -521,8 +523,8 @@ def patch_model(
         ``"cuda"``, ``"torch"``).
     shim_options : passed to the family shim (e.g. ``token_order="column"`` for splice).
 
-    Raises ``ValueError`` for an unsupported model (listing the families), a layer out of
-    range, or nothing to do; missing image tokens and a ``keep`` of the wrong length are
+    Raises ``ValueError`` for an unsupported model (listing the families) or a layer out
+    of range; missing image tokens and a ``keep`` of the wrong length are
     reported at the prefill.
     """
     from vgkernels.integrations import get_shim
@@ -553,8 +555,6 @@ def patch_model(
             raise ValueError(
                 f"{name}: layer(s) {bad} out of range; {type(model).__name__} has {L} decoder layers (0..{L - 1})"
             )
-    if not cap_layers and knockout is None:
-        raise ValueError("patch_model: nothing to do (capture is empty and there is no knockout)")
     for l in set(cap_layers) | (set(knockout.layers) if knockout else set()):
         if not hasattr(layers[l], "self_attn") or not hasattr(layers[l].self_attn, "config"):
             raise ValueError(f"patch_model: decoder layer {l} has no self_attn with a config to patch")

@@ -43,6 +43,25 @@ def test_capture_logits_and_maps_match_eager_rows(name):
     assert bool((maps.sum(-1) > 0).all()) and bool((maps.sum(-1) <= 1 + 1e-6).all())
 
 
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-splice-vila"])
+def test_layout_only_patch_touches_no_layer(name):
+    """capture=None without a knockout records the layout and leaves every layer alone."""
+    model, proc, ref, inp = _one(name)
+    base = logits_of(model, inp)
+    spans, _ = expected_spans(name, model, inp)
+    originals = [l.self_attn.config for l in decoder_layers(name, model)]
+    with patch_model(model, capture=None, backend=BACKEND) as vg:
+        got = logits_of(model, inp)
+        assert all(l.self_attn.config is c for l, c in zip(decoder_layers(name, model), originals))
+    assert torch.equal(got, base)
+    assert vg.maps is None and vg.layers == [] and vg.calls == {}
+    assert [(l.key_start, l.N) for l in vg.layout] == spans
+    with patch_model(model, capture=[0], backend=BACKEND) as vg_cap:
+        logits_of(model, inp)
+    for a, b in zip(vg.layout, vg_cap.layout):
+        assert a.grid == b.grid and torch.equal(a.cells.nan_to_num(-1), b.cells.nan_to_num(-1))
+
+
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_unpatch_is_bit_identical(name):
     model, proc, ref, inp = _one(name, 1)

@@ -347,10 +347,9 @@ class MapRunner:
         prefix["attention_mask"] = torch.ones_like(prefix["input_ids"])
         prefix.update(collate_pixels([it.pixels for it in items]))
         prefix = self._device_inputs(prefix)
-        # The prefix call needs the patch only for the layout (it sees the image); one
-        # captured layer is the least patch_model accepts, and its row (the last image
-        # token) is simply not used.
-        with self._patch([self.layers[-1]], items) as vg:
+        # The prefix call needs the patch only for the layout (it sees the image):
+        # capture=None leaves every layer on the model's own attention.
+        with self._patch(None, items) as vg:
             out = model(**prefix, use_cache=True, **self._logits_kw)
             layouts = list(vg.layout)
         cache = out.past_key_values
