@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -177,14 +176,16 @@ _FN_NAME = "vgkernels_sweep_rows"
 
 
 def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """SDPA output, plus the float32 probabilities of each sample's capture row."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    """Captured layers: :func:`vgkernels.attention` with a :class:`~vgkernels.Capture` of
+    each sample's row (one fused call gives the output and the row's probabilities);
+    every other layer: transformers' SDPA, untouched."""
     st = getattr(_ROWS, "state", None)
-    if st is not None:
-        st.take(module, query, key, kwargs.get("scaling"))
-    return out
+    li = None if st is None else st.layer_ids.get(getattr(module, "layer_idx", None))
+    if li is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    return st.attend(li, query, key, value, attention_mask, kwargs.get("scaling")), None
 
 
 def _register_rows_fn():
@@ -201,34 +202,40 @@ def _register_rows_fn():
 class _RowCapture:
     """State of one continuation call: which row and span to capture per sample."""
 
-    def __init__(self, layer_ids: dict, rows: torch.Tensor, spans: list, n_max: int, H: int, device):
+    def __init__(self, layer_ids: dict, rows: torch.Tensor, spans: list, n_max: int, H: int, device,
+                 backend: str = "auto"):
         self.layer_ids = layer_ids  # decoder layer index -> position in the maps' L axis
         self.rows = rows  # (B,) row index inside the query block
         self.spans = spans  # [(key_start, N, sequence order or None)]
+        self.n_max = n_max
+        self.backend = backend
         B = rows.shape[0]
         self.maps = torch.full((B, len(layer_ids), H, n_max), float("nan"), dtype=torch.float32, device=device)
 
-    def take(self, module, query, key, scaling):
-        li = self.layer_ids.get(getattr(module, "layer_idx", None))
-        if li is None:
-            return
+    def attend(self, li: int, query, key, value, attention_mask, scaling):
+        """``query (B, H, Sq, D)``, ``key, value (B, Hkv, Sk, D)`` -> ``out (B, Sq, H, D)``;
+        stores the captured rows in ``maps[:, li]``."""
+        from .. import Capture, attention
+        from ..patching import key_padding_from_mask
+
         B, H, Sq, D = query.shape
-        Hkv, Sk = key.shape[1], key.shape[2]
-        scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
-        b_idx = torch.arange(B, device=query.device)
-        q = query[b_idx, :, self.rows.to(query.device)].float()  # (B, H, D)
-        # Query head h reads KV head h // G (transformers' repeat_kv): group the query
-        # heads instead of materialising repeated keys.
-        G = H // Hkv
-        s = torch.einsum("bkgd,bksd->bkgs", q.view(B, Hkv, G, D), key.float()).reshape(B, H, Sk) * scale
-        pos = (Sk - Sq) + self.rows.to(query.device)  # absolute position of each row
-        causal = torch.arange(Sk, device=query.device)[None, :] > pos[:, None]
-        p = torch.softmax(s.masked_fill(causal[:, None, :], float("-inf")), dim=-1)
+        Sk = key.shape[2]
+        dev = query.device
+        starts = torch.tensor([ks for ks, _, _ in self.spans], dtype=torch.long)
+        # The kernel's span is n_max long for every sample: shift it left where a
+        # shorter image sits near the end, and read each sample's tokens at an offset.
+        kstart = torch.clamp(starts, max=Sk - self.n_max)
+        res = attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
+            softmax_scale=scaling, key_padding_mask=key_padding_from_mask(attention_mask, B, Sk),
+            capture=Capture((Sk - Sq) + self.rows.to(dev), kstart.to(dev), self.n_max), backend=self.backend,
+        )
         for b, (ks, n, order) in enumerate(self.spans):
-            if order is None:
-                self.maps[b, li, :, :n] = p[b, :, ks: ks + n]
-            else:  # row-major token t sits at sequence offset order[t] (column-major projectors)
-                self.maps[b, li, :, :n] = p[b, :, ks + order.to(p.device)]
+            off = ks - int(kstart[b])
+            # row-major token t sits at sequence offset order[t] (column-major projectors)
+            idx = torch.arange(n, device=dev) if order is None else order.to(dev)
+            self.maps[b, li, :, :n] = res.probs[b, :, off + idx]
+        return res.out
 
 
 @contextlib.contextmanager
@@ -388,7 +395,8 @@ class MapRunner:
             order = l.extra.get("sequence_order")
             spans.append((int(l.key_start), int(l.N), None if order is None else torch.as_tensor(order).long()))
         n_max = max(n for _, n, _ in spans)
-        state = _RowCapture({l: i for i, l in enumerate(self.layers)}, rows, spans, n_max, self.H, dev)
+        state = _RowCapture({l: i for i, l in enumerate(self.layers)}, rows, spans, n_max, self.H, dev,
+                            self.backend)
         with _capturing_rows(self.bundle.text_config(), state):
             target(**kw)
         cache.crop(-k)
