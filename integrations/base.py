@@ -93,6 +93,26 @@ def call_arg(args: tuple, kwargs: dict, name: str, position: Optional[int] = Non
     return None
 
 
+def call_ids(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The token ids of a ``forward(input_ids=...)`` or ``generate(inputs=...)`` call."""
+    ids = call_arg(args, kwargs, "input_ids", 0)
+    return call_arg(args, kwargs, "inputs") if ids is None else ids
+
+
+def prefill_ids(record: dict, mask: torch.Tensor, family: str, token: str) -> torch.Tensor:
+    """The observed ``input_ids``, checked against the decoder's ``(B, S)`` mask; shims
+    that find the image by its token (``token`` names it) cannot work from embeddings."""
+    ids = record.get("input_ids")
+    if ids is None:
+        raise ValueError(
+            f"{family}: the prefill call had no input_ids; patch_model finds the image by its token "
+            f"({token}), so pass input_ids rather than inputs_embeds"
+        )
+    if ids.shape != mask.shape:
+        raise ValueError(f"{family}: input_ids {tuple(ids.shape)} do not match the decoder's mask {tuple(mask.shape)}")
+    return ids
+
+
 def runs(row: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
     """Maximal runs ``(start, length)`` of ``token_id`` in a 1-D id tensor."""
     hit = (row == token_id).to(torch.int8)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .base import Shim, Size, call_arg, cls_row, find_decoder, layout, resize_crop_cells, runs, size_pairs, squash_cells
+from .base import Shim, Size, call_ids, cls_row, find_decoder, layout, prefill_ids, resize_crop_cells, runs, size_pairs, squash_cells
 from vgkernels.layout import grid_cells
 
 
@@ -57,9 +57,7 @@ class LlavaShim(Shim):
         return find_decoder(self.model)
 
     def observe(self, args, kwargs):
-        ids = call_arg(args, kwargs, "input_ids", 0)
-        if ids is None:
-            ids = call_arg(args, kwargs, "inputs")
+        ids = call_ids(args, kwargs)
         if ids is None:
             return {"input_ids": None}
         rec = {"input_ids": ids}
@@ -69,14 +67,7 @@ class LlavaShim(Shim):
         return rec
 
     def spans(self, record, mask, image_sizes):
-        ids = record.get("input_ids")
-        if ids is None:
-            raise ValueError(
-                f"{self.family}: the prefill call had no input_ids; patch_model finds the image by its token "
-                f"(id {self.image_token_id}), so pass input_ids rather than inputs_embeds"
-            )
-        if ids.shape != mask.shape:
-            raise ValueError(f"{self.family}: input_ids {tuple(ids.shape)} do not match the decoder's mask {tuple(mask.shape)}")
+        ids = prefill_ids(record, mask, self.family, f"id {self.image_token_id}")
         per_sample = []
         for b in range(ids.shape[0]):
             row = torch.where(mask[b], ids[b], torch.full_like(ids[b], -1))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Shim, call_arg, find_decoder, layout, runs, size_pairs, squash_cells
+from .base import Shim, call_ids, find_decoder, layout, prefill_ids, runs, size_pairs, squash_cells
 
 
 class QwenShim(Shim):
@@ -42,24 +42,14 @@ class QwenShim(Shim):
         return find_decoder(self.model)
 
     def observe(self, args, kwargs):
-        ids = call_arg(args, kwargs, "input_ids", 0)
-        if ids is None:
-            ids = call_arg(args, kwargs, "inputs")
-        rec = {"input_ids": ids}
+        rec = {"input_ids": call_ids(args, kwargs)}
         thw = kwargs.get("image_grid_thw")
         if thw is not None:
             rec["image_grid_thw"] = thw
         return rec
 
     def spans(self, record, mask, image_sizes):
-        ids = record.get("input_ids")
-        if ids is None:
-            raise ValueError(
-                f"qwen: the prefill call had no input_ids; patch_model finds the image by its token "
-                f"(<|image_pad|>, id {self.image_token_id}), so pass input_ids rather than inputs_embeds"
-            )
-        if ids.shape != mask.shape:
-            raise ValueError(f"qwen: input_ids {tuple(ids.shape)} do not match the decoder's mask {tuple(mask.shape)}")
+        ids = prefill_ids(record, mask, "qwen", f"<|image_pad|>, id {self.image_token_id}")
         thw = record.get("image_grid_thw")
         per_sample = []
         for b in range(ids.shape[0]):
