@@ -105,6 +105,32 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "vgkernels._C: ", what, " failed: ", cudaGetErrorString(err));
 }
 
+// The fields every capture launch shares: q's row addressing (q + b*q_sb + qi*q_si +
+// h*q_sh), K, the key span, the shapes (from k and probs (B, Hq, length)) and the output.
+vg::CaptureParams capture_params(const Tensor& q, int64_t q_si, int64_t q_sh, const Tensor& k,
+                                 const Tensor& key_start, double scale, int code, Tensor& probs) {
+  vg::CaptureParams c;
+  c.q = q.data_ptr();
+  c.q_sb = q.stride(0);
+  c.q_si = q_si;
+  c.q_sh = q_sh;
+  c.k = k.data_ptr();
+  c.k_sb = k.stride(0);
+  c.k_ss = k.stride(1);
+  c.k_sh = k.stride(2);
+  c.key_start = key_start.data_ptr<int64_t>();
+  c.length = probs.size(2);
+  c.B = k.size(0);
+  c.Hq = probs.size(1);
+  c.Hkv = k.size(2);
+  c.D = k.size(3);
+  c.Sk = k.size(1);
+  c.scale = float(scale);
+  c.dtype = code;
+  c.probs = probs.data_ptr<float>();
+  return c;
+}
+
 // ---------------------------------------------------------------------------------------
 // capture_rows
 // ---------------------------------------------------------------------------------------
@@ -143,33 +169,16 @@ Tensor capture_rows(const Tensor& q_row, const Tensor& k, const Tensor& lse_row,
   Tensor probs = at::empty({B, Hq, length}, q_row.options().dtype(at::kFloat));
   if (probs.numel() == 0) return probs;
   const c10::cuda::CUDAGuard guard(q_row.device());
-  vg::CaptureParams p;
-  p.q = q_row.data_ptr();
-  p.q_sb = q_row.stride(0);
-  p.q_sh = q_row.stride(1);
-  p.k = k.data_ptr();
-  p.k_sb = k.stride(0);
-  p.k_ss = k.stride(1);
-  p.k_sh = k.stride(2);
+  vg::CaptureParams p = capture_params(q_row, 0, q_row.stride(1), k, ks, scale, code, probs);
   p.lse = lse.data_ptr<float>();
   p.lse_sb = Hq;
   p.lse_sh = 1;
-  p.key_start = ks.data_ptr<int64_t>();
-  p.length = length;
-  p.B = B;
-  p.Hq = Hq;
-  p.Hkv = Hkv;
-  p.D = D;
-  p.Sk = Sk;
-  p.scale = float(scale);
-  p.dtype = code;
   if (keep.has_value()) {
     p.keep = bytes(keep_c);
     p.keep_sb = length;
     p.keep_len = length;
     p.keep_start = p.key_start;
   }
-  p.probs = probs.data_ptr<float>();
   check_launch(vg::launch_capture(p, c10::cuda::getCurrentCUDAStream()), "capture kernel launch");
   return probs;
 }
@@ -369,29 +378,12 @@ std::tuple<Tensor, Tensor, Tensor> decode_attention(const Tensor& q, const Tenso
     // The applied probabilities need the final (merged) lse, so the capture runs after
     // the attention on the same stream and rebuilds the row's scores from q and K.
     const Tensor qi = (crow - (Sk - Sq)).contiguous();
-    vg::CaptureParams c;
-    c.q = q.data_ptr();
-    c.q_sb = q.stride(0);
-    c.q_si = q.stride(1);
-    c.q_sh = q.stride(2);
+    vg::CaptureParams c = capture_params(q, q.stride(1), q.stride(2), k, cks, scale, code, probs);
     c.q_row = qi.data_ptr<int64_t>();
-    c.k = k.data_ptr();
-    c.k_sb = k.stride(0);
-    c.k_ss = k.stride(1);
-    c.k_sh = k.stride(2);
     c.lse = p.lse;
     c.lse_sb = Hq * Sq;
     c.lse_sh = Sq;
     c.lse_si = 1;
-    c.key_start = cks.data_ptr<int64_t>();
-    c.length = cap_length;
-    c.B = B;
-    c.Hq = Hq;
-    c.Hkv = Hkv;
-    c.D = D;
-    c.Sk = Sk;
-    c.scale = float(scale);
-    c.dtype = code;
     c.row_pos = crow.data_ptr<int64_t>();
     c.causal = causal;
     c.kpm = p.kpm;
@@ -404,7 +396,6 @@ std::tuple<Tensor, Tensor, Tensor> decode_attention(const Tensor& q, const Tenso
       c.keep_q_lo = p.ko_q_start;
       c.keep_q_hi = p.ko_q_end;
     }
-    c.probs = probs.data_ptr<float>();
     check_launch(vg::launch_capture(c, stream), "capture kernel launch");
   }
   return {out, lse, probs};
