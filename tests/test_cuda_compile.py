@@ -57,7 +57,19 @@ def _cuda_include() -> Path | None:
 
 
 NVCC = _nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit or set CUDA_HOME)")
+
+
+def needs_nvcc(fn):
+    """nvcc is part of the development and CI machines (issue 7): its absence is a
+    failure that says what to install, never a silent skip."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        assert NVCC is not None, "nvcc not found: install the CUDA toolkit (or set CUDA_HOME) to compile csrc/"
+        return fn(*a, **kw)
+
+    return wrapper
 
 
 def _gencode() -> list[str]:
@@ -103,8 +115,8 @@ def test_bindings_compile_syntax_only(tmp_path):
     """g++ -fsyntax-only of the binding against torch's headers (no CUDA build of torch needed)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     cuda_inc = _cuda_include()
-    if cxx is None or cuda_inc is None:
-        pytest.skip("needs g++ and the CUDA toolkit headers (cuda_runtime_api.h)")
+    assert cxx is not None, "g++ not found: it is needed to syntax-check csrc/bindings.cpp"
+    assert cuda_inc is not None, "the CUDA toolkit headers (cuda_runtime_api.h) were not found; set CUDA_HOME"
     inc = _torch_include()
     stub = tmp_path / "stub"
     gen = inc / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
