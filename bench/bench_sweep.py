@@ -36,7 +36,7 @@ from _benchlib import CUDA, SMALL
 
 from vgkernels.sweep.datasets import Sample
 from vgkernels.sweep.metrics import sample_metrics
-from vgkernels.sweep.models import load_model
+from vgkernels.integrations.loaders import load_model
 from vgkernels.sweep.runner import Encoder, MapRunner
 
 if CUDA and not SMALL:

@@ -1,49 +1,22 @@
-"""Model-family shims, installed as ``vgkernels.integrations``.
+"""Everything in vgkernels that touches transformers, installed as ``vgkernels.integrations``.
 
-Each module knows one family's decoder layers and image tokens and nothing of the
-kernels; :mod:`vgkernels.patching` drives them. :func:`get_shim` picks the family from
-the model's class and config, or takes it from ``family=``.
+- :mod:`.takeover` — the one attention takeover (registration, per-layer switch, plans,
+  composed and fused execution);
+- :mod:`.patch` — :func:`patch_model` and its handle;
+- :mod:`.continuation` — prefix once, suffix passes and greedy decoding over a KV cache;
+- :mod:`.families` — the ``model_type`` table and :func:`get_shim`;
+- :mod:`.llava`, :mod:`.qwen`, :mod:`.splice` — the family shims (they know the models,
+  not the kernels).
 
-==========  ==============================================================================
-``llava``   ``LlavaForConditionalGeneration`` (LLaVA-1.5, LLaVA-Med-HF),
-            ``LlavaNextForConditionalGeneration``  (:mod:`.llava`)
-``qwen``    ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``
-            (:mod:`.qwen`)
-``splice``  LLaVA-codebase models splicing image features at ``-200``: HuatuoGPT-Vision,
-            LLaVA-1.5 / LLaVA-Med (original code), VILA / VILA-M3 / NVILA  (:mod:`.splice`)
-==========  ==============================================================================
+Importing this package does not import transformers; its modules do so on first use.
 """
 from __future__ import annotations
 
-from .base import SUPPORTED_FAMILIES, Shim
+from .base import Shim
+from .families import FAMILIES, SHIMS, SUPPORTED_FAMILIES, detect, get_shim
 from .llava import LlavaShim
 from .qwen import QwenShim
 from .splice import SpliceShim
 
-SHIMS = {"llava": LlavaShim, "qwen": QwenShim, "splice": SpliceShim}
-
-
-def get_shim(model, family=None, processor=None, **options) -> Shim:
-    """The shim for ``model``: ``family`` if given, else the first whose ``matches`` holds.
-
-    Raises ``ValueError`` naming the model's class and ``model_type`` and the supported
-    families when none fits.
-    """
-    if family is not None:
-        if family not in SHIMS:
-            raise ValueError(f"family: expected one of {list(SUPPORTED_FAMILIES)}, got {family!r}")
-        return SHIMS[family](model, processor, **options)
-    for name in SUPPORTED_FAMILIES:
-        if SHIMS[name].matches(model):
-            return SHIMS[name](model, processor, **options)
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    raise ValueError(
-        f"unsupported model {type(model).__name__} (model_type={mt!r}); supported families: "
-        f"llava (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration), "
-        f"qwen (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration), "
-        f"splice (LLaVA-codebase models with a transformers LLM: HuatuoGPT-Vision, LLaVA-1.5/LLaVA-Med, "
-        f"VILA/VILA-M3/NVILA). Pass family= to force one."
-    )
-
-
-__all__ = ["get_shim", "Shim", "SHIMS", "SUPPORTED_FAMILIES", "LlavaShim", "QwenShim", "SpliceShim"]
+__all__ = ["get_shim", "detect", "Shim", "SHIMS", "FAMILIES", "SUPPORTED_FAMILIES", "LlavaShim", "QwenShim",
+           "SpliceShim"]

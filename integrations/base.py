@@ -1,7 +1,7 @@
 """What every family shim provides, and the geometry helpers they share.
 
 A shim answers three questions about one model instance, and knows nothing of the
-kernels (:mod:`vgkernels.patching` asks the questions and runs the kernels):
+kernels (:mod:`vgkernels.integrations.patch` asks the questions and runs the kernels):
 
 1. **Where the decoder is.** :meth:`Shim.decoder` is the transformers module that owns
    ``.layers`` and whose ``forward`` receives the LLM's ``attention_mask`` and
@@ -30,8 +30,6 @@ import torch
 
 from vgkernels.layout import ImageLayout, grid_cells
 
-SUPPORTED_FAMILIES = ("llava", "qwen", "splice")
-
 Size = tuple[int, int]  # (width, height)
 
 
@@ -39,14 +37,17 @@ class Shim:
     """Base class of the family shims (see the module docstring)."""
 
     family: str = ""
+    #: whether the ids a call receives are the LLM's columns one for one (HF VLMs expand
+    #: the image placeholder in the ids; the LLaVA codebase splices embeddings instead)
+    ids_are_columns: bool = True
+    #: whether the image token count depends on the image's size (variable grids)
+    variable_tokens: bool = False
+    #: forward/generate keywords that carry the images (any non-None one counts)
+    pixel_keys: tuple = ("pixel_values", "mm_encoder_outputs")
 
     def __init__(self, model, processor=None):
         self.model = model
         self.processor = processor
-
-    @classmethod
-    def matches(cls, model) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def decoder(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -54,13 +55,57 @@ class Shim:
     def layers(self) -> list:
         return list(self.decoder().layers)
 
+    def llm(self):
+        """The module that continues a KV cache from plain token ids (the model itself for
+        HF VLMs; the inner CausalLM where the LLaVA codebase keeps one)."""
+        return self.model
+
+    def lm_head(self):
+        return getattr(self.llm(), "lm_head", None)
+
+    def text_stack(self):
+        """The text model, its layers, embeddings and LM head (:class:`.continuation.TextStack`)."""
+        from .continuation import make_stack
+
+        return make_stack(self.decoder(), self.lm_head(), type(self.model).__name__)
+
+    def image_token_ids(self) -> set:
+        """Ids that mark image positions in a tokenised prompt."""
+        return {int(self.image_token_id)}
+
+    def suffix_positions(self, cached: int, k: int, B: int, device) -> Optional[torch.Tensor]:
+        """Position ids of ``k`` text tokens appended after ``cached`` columns of a prompt
+        whose last column is the image's; None when the model derives them from the cache."""
+        return None
+
+    @staticmethod
+    def process(processor, images, texts) -> dict:
+        """``processor(images, text)`` as the family's preprocessing is called (tensors)."""
+        return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+    @staticmethod
+    def chat_text(processor, text: str) -> str:
+        """``text`` after one image in the processor's chat template (a user turn and the
+        assistant's generation prompt); the LLaVA-1.5 conversation format when it has none."""
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        tmpl = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
+                                                                    "chat_template", None)
+        if tmpl is None:
+            return f"USER: <image>\n{text} ASSISTANT:"
+        return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
     def generate_owners(self) -> list:
         """Objects whose ``generate`` the user (or the model itself) may call."""
         return [self.model]
 
     def observe(self, args: tuple, kwargs: dict) -> Optional[dict]:  # pragma: no cover - abstract
-        """The record :meth:`spans` needs from one call's arguments, or None to keep the last one."""
+        """The record :meth:`spans` needs from one call's arguments, or None to keep the last
+        one; ``record["has_pixels"]`` says whether the call carried images."""
         raise NotImplementedError
+
+    def has_pixels(self, args: tuple, kwargs: dict) -> bool:
+        return any(kwargs.get(k) is not None and not (isinstance(kwargs[k], dict) and not kwargs[k])
+                   for k in self.pixel_keys)
 
     def spans(self, record: dict, mask: torch.Tensor, image_sizes: Optional[Sequence[Size]]) -> list[list[ImageLayout]]:
         raise NotImplementedError  # pragma: no cover - abstract

@@ -30,16 +30,11 @@ class LlavaShim(Shim):
     family = "llava"
     CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "LlavaModel", "LlavaNextModel")
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        names = {c.__name__ for c in type(model).__mro__}
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        return bool(names & set(cls.CLASSES)) or mt in ("llava", "llava_next")
-
     def __init__(self, model, processor=None):
         super().__init__(model, processor)
         cfg = model.config
         self.next = cfg.model_type == "llava_next" or "LlavaNext" in type(model).__name__
+        self.variable_tokens = self.next
         self.image_token_id = int(getattr(cfg, "image_token_index", getattr(cfg, "image_token_id", -1)))
         vc = cfg.vision_config
         self.tile = int(vc.image_size)
@@ -58,9 +53,9 @@ class LlavaShim(Shim):
 
     def observe(self, args, kwargs):
         ids = call_ids(args, kwargs)
+        rec = {"input_ids": ids, "has_pixels": self.has_pixels(args, kwargs)}
         if ids is None:
-            return {"input_ids": None}
-        rec = {"input_ids": ids}
+            return rec
         sizes = kwargs.get("image_sizes")
         if sizes is not None:
             rec["image_sizes"] = sizes
@@ -70,8 +65,8 @@ class LlavaShim(Shim):
         ids = prefill_ids(record, mask, self.family, f"id {self.image_token_id}")
         per_sample = []
         for b in range(ids.shape[0]):
-            row = torch.where(mask[b], ids[b], torch.full_like(ids[b], -1))
-            found = runs(row, self.image_token_id)
+            # the model places image features at every image token, whatever the mask says
+            found = runs(ids[b], self.image_token_id)
             if not self.next:
                 n1 = self.g * self.g + (1 if self.strategy == "full" else 0)
                 split = []

@@ -21,14 +21,10 @@ from .base import Shim, call_ids, find_decoder, layout, prefill_ids, runs, size_
 
 class QwenShim(Shim):
     family = "qwen"
+    variable_tokens = True
+    pixel_keys = ("pixel_values", "mm_encoder_outputs", "image_embeds")
     CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLModel",
                "Qwen2_5_VLModel")
-
-    @classmethod
-    def matches(cls, model) -> bool:
-        names = {c.__name__ for c in type(model).__mro__}
-        mt = getattr(getattr(model, "config", None), "model_type", None)
-        return bool(names & set(cls.CLASSES)) or mt in ("qwen2_vl", "qwen2_5_vl")
 
     def __init__(self, model, processor=None):
         super().__init__(model, processor)
@@ -41,8 +37,18 @@ class QwenShim(Shim):
     def decoder(self):
         return find_decoder(self.model)
 
+    def suffix_positions(self, cached: int, k: int, B: int, device):
+        """M-RoPE continues after the image from the positions the prompt left: text token
+        ``i`` after ``cached`` columns sits at ``cached + i + rope_delta`` on all three axes
+        (the rule ``generate`` applies to new tokens)."""
+        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+        if deltas is None:
+            raise ValueError("qwen: the prompt call left no rope_deltas; cannot continue from its cache")
+        pos = torch.arange(cached, cached + k, device=device)[None, :] + deltas.to(device).reshape(-1, 1)
+        return pos[None].expand(3, B, k)
+
     def observe(self, args, kwargs):
-        rec = {"input_ids": call_ids(args, kwargs)}
+        rec = {"input_ids": call_ids(args, kwargs), "has_pixels": self.has_pixels(args, kwargs)}
         thw = kwargs.get("image_grid_thw")
         if thw is not None:
             rec["image_grid_thw"] = thw
@@ -53,8 +59,7 @@ class QwenShim(Shim):
         thw = record.get("image_grid_thw")
         per_sample = []
         for b in range(ids.shape[0]):
-            row = torch.where(mask[b], ids[b], torch.full_like(ids[b], -1))
-            per_sample.append(runs(row, self.image_token_id))
+            per_sample.append(runs(ids[b], self.image_token_id))
         n_images = sum(len(f) for f in per_sample)
         if n_images and thw is None:
             raise ValueError("qwen: found <|image_pad|> tokens but the call had no image_grid_thw")

@@ -46,11 +46,13 @@ import torch
 from .base import (Shim, call_arg, expand2square_cells, find_decoder, layout, perfect_square, resize_crop_cells,
                    size_pairs, squash_cells)
 
-IMAGE_TOKEN_INDEX = -200
+from vgkernels.constants import IMAGE_TOKEN_INDEX
 
 
 class SpliceShim(Shim):
     family = "splice"
+    image_token_id = IMAGE_TOKEN_INDEX
+    ids_are_columns = False
 
     def __init__(self, model, processor=None, token_order: Optional[str] = None, image_side: Optional[int] = None):
         super().__init__(model, processor)
@@ -74,6 +76,11 @@ class SpliceShim(Shim):
     def llm(self):
         return getattr(self.model, "llm", None) or self.model
 
+    @staticmethod
+    def process(processor, images, texts) -> dict:
+        # the LLaVA codebase pads after splicing, on its own side; its ids come unpadded-right
+        return dict(processor(images=images, text=texts, padding_side="right"))
+
     def decoder(self):
         return find_decoder(self.llm())
 
@@ -89,7 +96,9 @@ class SpliceShim(Shim):
             ids = call_arg(args, kwargs, "inputs")
         if ids is None or not isinstance(ids, torch.Tensor):
             return None  # an inner call with inputs_embeds: keep the outer call's record
-        return {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"), "image_sizes": kwargs.get("image_sizes")}
+        images = call_arg(args, kwargs, "images", 2)
+        return {"input_ids": ids, "attention_mask": call_arg(args, kwargs, "attention_mask", 1),
+                "image_sizes": kwargs.get("image_sizes"), "has_pixels": images is not None}
 
     def spans(self, record, mask, image_sizes):
         ids = record.get("input_ids")

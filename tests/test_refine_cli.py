@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from vgkernels import refine_eval as RE
+from vgkernels.refine import eval as RE
 from vgkernels.cli import main
 
 HEADS = "2:1,1:0,3:3,1:2"

@@ -152,12 +152,12 @@ def sample_batch(gen, name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("reuse", [True, False], ids=["skip-lower+folded-ref", "all-layers+suffix-ref"])
+@pytest.mark.parametrize("reuse", [True, False], ids=["skip-lower", "all-layers"])
 def test_refine_matches_naive_three_pass(name, reuse, gen):
     (fast, fproc), (eager, eproc) = models(name)
     layers, k, p = ([2] if reuse else [1, 3]), 5, 50.0
     vr = VGRefine(fast, fproc, heads=HEADS, layers=layers, top_k=k, percentile=p, max_new_tokens=G,
-                  reuse_lower_layers=reuse, fold_reference=reuse)
+                  reuse_lower_layers=reuse)
     images, questions = sample_batch(gen, name)
     res = vr(images, questions, baseline=True, return_maps=True)
     checked = 0

@@ -16,7 +16,7 @@ from vgkernels.layout import box_mask, grid_layout
 from vgkernels.reference import grounding_metrics_ref
 from vgkernels.sweep.command import sweep
 from vgkernels.sweep.datasets import Sample, load_samples
-from vgkernels.sweep.models import load_model
+from vgkernels.integrations.loaders import load_model
 from vgkernels.sweep.runner import DEFAULT_ANSWER_SUFFIX, DEFAULT_REFERENCE, Encoder, MapRunner, with_suffix
 from vgkernels.sweep.store import load_results, read_maps
 from vgkernels.tiny import IMAGE_TOKEN_INDEX
@@ -106,7 +106,7 @@ def _expected_metrics(mq, mr, mask):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_sweep_matches_eager_output_attentions(tmp_path, name):
     bundle = load_model(name)
-    family = bundle.family
+    family = name[len("tiny-"):]  # the variant: llava, llava-next, qwen2-vl, qwen2.5-vl, splice, splice-vila
     # Square images: the token grid then tiles the whole image, so the mask below is
     # computed without the patch's layout. Dynamic families also get a second size.
     side = {"llava": 56, "splice": 56, "splice-vila": 112}.get(family, 112)
@@ -198,7 +198,7 @@ def test_model_from_a_local_hugging_face_directory(tmp_path):
     assert b.chat("Q?") == "USER: <image>\nQ? ASSISTANT:"
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "llava_qwen2"}))
-    with pytest.raises(ValueError, match="LLaVA-codebase checkpoints"):
+    with pytest.raises(ValueError, match="LLaVA-codebase checkpoint"):
         load_model(str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="neither a built-in tiny model"):
         load_model(str(tmp_path / "nowhere"))

@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 # Names whose modules import transformers or are heavier: resolved on first access.
 _LAZY = {
-    "patch_model": "vgkernels.patching",
-    "KnockoutPlan": "vgkernels.patching",
+    "patch_model": "vgkernels.integrations.patch",
+    "KnockoutPlan": "vgkernels.integrations.patch",
     "VGRefine": "vgkernels.refine",
 }
 

@@ -16,7 +16,7 @@ COMMANDS = {
     "heads": ("vgkernels.sweep.heads", "rank attention heads of a finished sweep by mean KL, write heads.json"),
     "report": ("vgkernels.sweep.report", "redraw the tables and plots of a finished sweep"),
     "demo": ("vgkernels.sweep.demo", "generate shapes-on-noise data and sweep a tiny model over it (about a minute)"),
-    "refine": ("vgkernels.refine_cli", "closed-ended VQA accuracy with and without VGRefine, with K/p/layer sweeps"),
+    "refine": ("vgkernels.refine.cli", "closed-ended VQA accuracy with and without VGRefine, with K/p/layer sweeps"),
 }
 DEFAULT_COMMAND = "demo"
 

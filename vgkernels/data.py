@@ -16,7 +16,7 @@ import torch
 
 from .layout import gt_tokens_mask
 
-OFFICIAL_GRID = (24, 24)
+from .constants import OFFICIAL_GRID
 
 
 class RowError(ValueError):

@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .constants import OFFICIAL_GRID
+
 
 @dataclass
 class ImageLayout:
@@ -99,7 +101,7 @@ def box_mask(
     return out
 
 
-def gt_tokens_mask(gt_tokens: Sequence[Sequence[int]], grid: tuple[int, int] = (24, 24)) -> torch.Tensor:
+def gt_tokens_mask(gt_tokens: Sequence[Sequence[int]], grid: tuple[int, int] = OFFICIAL_GRID) -> torch.Tensor:
     """``(gh·gw,)`` bool mask from the authors' ``gt_tokens`` cells ``[x, y]``:
     cell ``[x, y]`` is token ``y · gw + x`` (row-major)."""
     gh, gw = int(grid[0]), int(grid[1])

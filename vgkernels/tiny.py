@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .constants import IMAGE_TOKEN_INDEX
+
 TINY_MODELS = (
     "tiny-llava",
     "tiny-llava-next",
@@ -55,9 +57,6 @@ TINY_MODELS = (
     "tiny-splice-vila",
 )
 
-#: The LLaVA codebase's ``IMAGE_TOKEN_INDEX``: the id its ``tokenizer_image_token`` puts
-#: where ``<image>`` stood; the model replaces it by the image's features.
-IMAGE_TOKEN_INDEX = -200
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

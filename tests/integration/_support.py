@@ -1,6 +1,6 @@
 """Shared pieces of the integration tests: tiny models, inputs, and the eager references.
 
-The references here are written independently of :mod:`vgkernels.patching`:
+The references here are written independently of :mod:`vgkernels.integrations.patch`:
 
 - image spans are found from the token ids (HF families) or from the stand-in's own
   splice (splice family), not through the shims;
@@ -169,7 +169,9 @@ def _ko_eager(module, query, key, value, attention_mask, scaling=None, dropout=0
     # knockout and key j is a dropped image token.
     M = torch.zeros(B, Sq, Sk, dtype=torch.bool)
     pos = torch.arange(Sk - Sq, Sk)
-    for b, (ks, n, keep_row, q0, q1) in enumerate(spec["rows"]):
+    per = B // len(spec["rows"])  # generate() with beams repeats each sample
+    for b in range(B):
+        ks, n, keep_row, q0, q1 = spec["rows"][b // per]
         qrow = (pos >= q0) & (pos < (Sk if spec["queries"] == "prompt+generated" else q1))
         dropped = torch.zeros(Sk, dtype=torch.bool)
         dropped[ks: ks + n] = ~keep_row

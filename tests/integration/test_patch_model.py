@@ -11,6 +11,7 @@ import torch
 
 import vgkernels
 from vgkernels import KnockoutPlan, patch_model
+from vgkernels.integrations.takeover import ATTN_KEY
 
 from _support import (ALL_NAMES, MAP_TOL, PROMPTS, SIZES, TOL, decoder_layers, eager_rows, expected_spans, generate,
                        is_splice, knockout_reference, logits_of, make_inputs, models)
@@ -75,7 +76,7 @@ def test_unpatch_is_bit_identical(name):
     assert not torch.equal(before, patched)  # the knockout did change something
     for layer in decoder_layers(name, model):
         assert layer.self_attn.config._attn_implementation == "sdpa"
-        assert "_vg_handle" not in layer.self_attn.__dict__
+        assert "_vg_takeover" not in layer.self_attn.__dict__
     assert "generate" not in model.__dict__
     vg.unpatch()  # idempotent
 
@@ -169,8 +170,11 @@ def test_generate_under_capture_and_knockout(name, gen):
             ref.config.tokenizer_padding_side = "right"
 
 
+@pytest.mark.parametrize("execution", ["composed", "fused"])
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-splice"])
-def test_only_chosen_layers_use_vgkernels(name, monkeypatch):
+def test_only_chosen_layers_use_vgkernels(name, execution, monkeypatch):
+    """Only the chosen layers go through vgkernels. Composed: they still run the model's own
+    sdpa for their ordinary rows; fused: they run vgkernels alone."""
     from transformers import AttentionInterface
 
     model, proc, ref, inp = _one(name)
@@ -186,11 +190,12 @@ def test_only_chosen_layers_use_vgkernels(name, monkeypatch):
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", spy)
     keep = torch.ones(1, expected_spans(name, model, inp)[0][0][1], dtype=torch.bool)
-    with patch_model(model, capture=[1], knockout=KnockoutPlan([2], keep), backend=BACKEND) as vg:
+    with patch_model(model, capture=[1], knockout=KnockoutPlan([2], keep), backend=BACKEND,
+                     execution=execution) as vg:
         logits_of(model, inp)
         for i, l in enumerate(layers):
             if i in (1, 2):
-                assert l.self_attn.config._attn_implementation == vgkernels.patching.ATTN_KEY
+                assert l.self_attn.config._attn_implementation == ATTN_KEY
                 assert l.self_attn.config is not originals[i]
             else:
                 assert l.self_attn.config is originals[i]
@@ -200,7 +205,7 @@ def test_only_chosen_layers_use_vgkernels(name, monkeypatch):
     assert vg.calls == {1: 1, 2: 1}
     text_attn = {id(l.self_attn): i for i, l in enumerate(layers)}
     text_sdpa = sorted(text_attn[id(m)] for m in sdpa_modules if id(m) in text_attn)
-    assert text_sdpa == [0, 3]
+    assert text_sdpa == ([0, 1, 2, 3] if execution == "composed" else [0, 3])
     if not is_splice(name):
         # the vision tower kept sdpa too
         assert any(id(m) not in text_attn for m in sdpa_modules)
@@ -216,11 +221,11 @@ def test_model_wide_key_keeps_padding_through_the_mask_function(registered, monk
     from vgkernels.tiny import build_tiny
 
     model, proc = build_tiny("tiny-llava", seed=1)
-    model.model.language_model.config.__dict__["_attn_implementation_internal"] = vgkernels.patching.ATTN_KEY
+    model.model.language_model.config.__dict__["_attn_implementation_internal"] = ATTN_KEY
     batch = make_inputs("tiny-llava", proc, PROMPTS, SIZES)
     with patch_model(model, capture="all", backend=BACKEND) as vg:
         if not registered:
-            monkeypatch.delitem(AttentionMaskInterface._global_mapping, vgkernels.patching.ATTN_KEY)
+            monkeypatch.delitem(AttentionMaskInterface._global_mapping, ATTN_KEY)
         logits_of(model, batch)
         bmaps = vg.maps.clone()
         single = make_inputs("tiny-llava", proc, [PROMPTS[0]], [SIZES[0]])

@@ -175,7 +175,7 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
     writer = ShardWriter(out, info.rank, len(layers), H)
     dist.barrier(info)  # every rank has repaired its tail before anyone reads the done ids
     finished = done_ids(out)
-    dynamic = bundle.family in ("qwen2-vl", "qwen2.5-vl", "llava-next")
+    dynamic = bundle.shim.variable_tokens
     ordered = sorted(samples, key=lambda s: _length_key(s, dynamic))
     mine = [s for s in dist.shard(ordered, info) if s.sid not in finished]
     batches = [list(range(i, min(i + batch_size, len(mine)))) for i in range(0, len(mine), batch_size)]
@@ -247,7 +247,7 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
 
 
 def run(args) -> int:
-    from .models import load_model
+    from vgkernels.integrations.loaders import load_model
 
     info = dist.init(args.device)
     try:

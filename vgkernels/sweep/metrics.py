@@ -21,7 +21,7 @@ import torch
 
 from ..layout import ImageLayout, box_mask, gt_tokens_mask
 
-OFFICIAL_GRID = (24, 24)
+from ..constants import OFFICIAL_GRID
 MASK_MODES = ("auto", "bbox", "gt_tokens")
 _TINY = float(torch.finfo(torch.float32).tiny)
 

@@ -13,13 +13,13 @@ with ``prefix_sharing=True``:
    sample's last real suffix token over its image span;
 3. removes the suffix from the cache and does the same for the reference suffixes.
 
-Step 2 and 3 capture with a row-capture attention function (:class:`_RowCapture`)
-installed in the LLM for the continuation call only: the output still comes from
-SDPA, and the captured row is recomputed in float32 from the call's post-RoPE query and
-cached keys, ``softmax(q_row · K^T · scale)`` over the causal keys ``0 .. pos(row)``.
-The cache prefix holds no padding (batches are split so all prefixes in a call have the
-same length), so causality alone decides which keys the row attends, exactly as in an
-unpadded batch-1 run. The maps therefore equal those of full separate runs up to
+Steps 2 and 3 run under the one attention takeover
+(:mod:`vgkernels.integrations.takeover`) with an explicit plan: every layer's output
+still comes from the model's own attention, and at the captured layers the captured row
+is recomputed alone by the vgkernels kernel (one query row over the cached keys), which
+returns its probabilities over the image span. The cache prefix holds no padding
+(batches are split so all prefixes in a call have the same length), so causality alone
+decides which keys the row attends, exactly as in an unpadded batch-1 run. The maps therefore equal those of full separate runs up to
 floating-point rounding; ``tests/test_sweep_run.py`` holds them to eager
 ``output_attentions`` runs and to ``patch_model`` full runs.
 
@@ -29,20 +29,14 @@ for chat formats that put the image after the text.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-DEFAULT_REFERENCE = "Write a general description of the image."
-# The answer-format line the authors' evaluation code appends to every question (LLaVA
-# short-answer template, paper Fig. I.12); the reference prompt gets it too.
-DEFAULT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
-
-from .models import chat_text
+from ..constants import ANSWER_LINE as DEFAULT_ANSWER_SUFFIX
+from ..constants import REFERENCE_PROMPT as DEFAULT_REFERENCE
 
 # Keys of a processor's output aligned with input_ids, token for token.
 _ID_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -77,16 +71,11 @@ class Encoder:
     def __init__(self, bundle, reference: str = DEFAULT_REFERENCE, answer_suffix: Optional[str] = DEFAULT_ANSWER_SUFFIX,
                  prefix_sharing: bool = True):
         self.processor = bundle.processor
-        self.family = bundle.family
-        self.ref_text = chat_text(self.processor, with_suffix(reference, answer_suffix))
+        self.family = type(bundle.shim)  # a class: process() and chat_text() are static
+        self.ref_text = self.family.chat_text(self.processor, with_suffix(reference, answer_suffix))
         self.answer_suffix = answer_suffix
         self.prefix_sharing = prefix_sharing
-        self.image_token_ids = _image_token_ids(bundle)
-
-    def _call(self, image, text):
-        if self.family.startswith("splice"):
-            return dict(self.processor(images=[image], text=[text], padding_side="right"))
-        return dict(self.processor(images=[image], text=[text], return_tensors="pt"))
+        self.image_token_ids = bundle.shim.image_token_ids()
 
     def __call__(self, sample) -> Encoded:
         from PIL import Image
@@ -97,8 +86,9 @@ class Encoder:
         except (OSError, ValueError) as e:
             return Encoded(sample, error=f"cannot read image {sample.image!r}: {e}")
         try:
-            eq = self._call(image, chat_text(self.processor, with_suffix(sample.question, self.answer_suffix)))
-            er = self._call(image, self.ref_text)
+            question = self.family.chat_text(self.processor, with_suffix(sample.question, self.answer_suffix))
+            eq = self.family.process(self.processor, [image], [question])
+            er = self.family.process(self.processor, [image], [self.ref_text])
         except Exception as e:  # a processor rejecting an image must not stop the sweep
             return Encoded(sample, error=f"processor failed: {type(e).__name__}: {e}")
         q = {k: v[0] for k, v in eq.items() if k in _ID_ALIGNED and isinstance(v, torch.Tensor)}
@@ -116,22 +106,6 @@ class Encoder:
             return Encoded(sample, error=("the question and reference prompts differ before the end of the "
                                           "image; use --no-prefix-sharing"))
         return Encoded(sample, q, r, P, pixels, tuple(image.size))
-
-
-def _image_token_ids(bundle) -> set:
-    from ..tiny import IMAGE_TOKEN_INDEX
-
-    if bundle.family.startswith("splice"):
-        return {IMAGE_TOKEN_INDEX}
-    cfg = bundle.model.config
-    ids = set()
-    for name in ("image_token_id", "image_token_index"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int):
-            ids.add(v)
-    if not ids:
-        raise ValueError(f"model config of {bundle.name!r} names no image token id")
-    return ids
 
 
 def collate_pixels(items: Sequence[dict]) -> dict:
@@ -167,89 +141,6 @@ class MapBatch:
     maps_ref: torch.Tensor
     layouts: list
     layers: list
-
-
-# ----------------------------------------------------------------------------- row capture
-
-_ROWS = threading.local()
-_FN_NAME = "vgkernels_sweep_rows"
-
-
-def _rows_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """Captured layers: :func:`vgkernels.attention` with a :class:`~vgkernels.Capture` of
-    each sample's row (one fused call gives the output and the row's probabilities);
-    every other layer: transformers' SDPA, untouched."""
-    st = getattr(_ROWS, "state", None)
-    li = None if st is None else st.layer_ids.get(getattr(module, "layer_idx", None))
-    if li is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-    return st.attend(li, query, key, value, attention_mask, kwargs.get("scaling")), None
-
-
-def _register_rows_fn():
-    from transformers import AttentionInterface
-
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-        ALL_MASK_ATTENTION_FUNCTIONS.register(_FN_NAME, sdpa_mask)
-    except ImportError:  # pragma: no cover - transformers without masking_utils
-        pass
-    AttentionInterface.register(_FN_NAME, _rows_attention)
-
-
-class _RowCapture:
-    """State of one continuation call: which row and span to capture per sample."""
-
-    def __init__(self, layer_ids: dict, rows: torch.Tensor, spans: list, n_max: int, H: int, device,
-                 backend: str = "auto"):
-        self.layer_ids = layer_ids  # decoder layer index -> position in the maps' L axis
-        self.rows = rows  # (B,) row index inside the query block
-        self.spans = spans  # [(key_start, N, sequence order or None)]
-        self.n_max = n_max
-        self.backend = backend
-        B = rows.shape[0]
-        self.maps = torch.full((B, len(layer_ids), H, n_max), float("nan"), dtype=torch.float32, device=device)
-
-    def attend(self, li: int, query, key, value, attention_mask, scaling):
-        """``query (B, H, Sq, D)``, ``key, value (B, Hkv, Sk, D)`` -> ``out (B, Sq, H, D)``;
-        stores the captured rows in ``maps[:, li]``."""
-        from .. import Capture, attention
-        from ..patching import key_padding_from_mask
-
-        B, H, Sq, D = query.shape
-        Sk = key.shape[2]
-        dev = query.device
-        starts = torch.tensor([ks for ks, _, _ in self.spans], dtype=torch.long)
-        # The kernel's span is n_max long for every sample: shift it left where a
-        # shorter image sits near the end, and read each sample's tokens at an offset.
-        kstart = torch.clamp(starts, max=Sk - self.n_max)
-        res = attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
-            softmax_scale=scaling, key_padding_mask=key_padding_from_mask(attention_mask, B, Sk),
-            capture=Capture((Sk - Sq) + self.rows.to(dev), kstart.to(dev), self.n_max), backend=self.backend,
-        )
-        for b, (ks, n, order) in enumerate(self.spans):
-            off = ks - int(kstart[b])
-            # row-major token t sits at sequence offset order[t] (column-major projectors)
-            idx = torch.arange(n, device=dev) if order is None else order.to(dev)
-            self.maps[b, li, :, :n] = res.probs[b, :, off + idx]
-        return res.out
-
-
-@contextlib.contextmanager
-def _capturing_rows(config, state: _RowCapture):
-    """Route ``config``'s attention through :func:`_rows_attention` for one call."""
-    _register_rows_fn()
-    old = config._attn_implementation
-    config._attn_implementation_internal = _FN_NAME
-    _ROWS.state = state
-    try:
-        yield state
-    finally:
-        _ROWS.state = None
-        config._attn_implementation_internal = old
 
 
 # ----------------------------------------------------------------------------- runner
@@ -337,7 +228,9 @@ class MapRunner:
         for key in ("q", "r"):
             with self._patch(self.layers, items) as vg:
                 self.bundle.model(**self._full_batch(items, key), **self._logits_kw)
-                res.append((vg.maps.float(), list(vg.layout)))
+            if vg.skipped:
+                raise ValueError(f"run: capture did not apply: {vg.skipped}")
+            res.append((vg.maps.float(), list(vg.layout)))
         (mq, lay), (mr, _) = res
         n = max(mq.shape[-1], mr.shape[-1])
         pad = lambda m: torch.nn.functional.pad(m, (0, n - m.shape[-1]), value=float("nan"))
@@ -345,11 +238,12 @@ class MapRunner:
 
     # -- one prefix, two suffixes
     def _run_shared(self, items) -> MapBatch:
+        from vgkernels.integrations.continuation import output_cache
+
         Ps = {it.P for it in items}
         if len(Ps) != 1:
             raise ValueError(f"run: prefix sharing needs equal prefix lengths in a batch, got {sorted(Ps)}")
         P = Ps.pop()
-        model = self.bundle.model
         prefix = {k: torch.stack([it.q[k][:P] for it in items]) for k in items[0].q}
         prefix["attention_mask"] = torch.ones_like(prefix["input_ids"])
         prefix.update(collate_pixels([it.pixels for it in items]))
@@ -357,20 +251,27 @@ class MapRunner:
         # The prefix call needs the patch only for the layout (it sees the image):
         # capture=None leaves every layer on the model's own attention.
         with self._patch(None, items) as vg:
-            out = model(**prefix, use_cache=True, **self._logits_kw)
-            layouts = list(vg.layout)
-        cache = out.past_key_values
+            out = self.bundle.model(**prefix, use_cache=True, **self._logits_kw)
+        layouts = list(vg.layout)
+        missing = [b for b, l in enumerate(layouts) if l is None]
+        if missing:
+            raise ValueError(f"run: sample(s) {missing} of the batch have no single image: "
+                             f"{[r for _, r in vg.skipped]}")
+        cache = output_cache(out)
         Pc = cache.get_seq_length()
-        rope_deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
-        if self.bundle.family.startswith("qwen") and rope_deltas is None:
-            raise ValueError("qwen family: the prefix call left no rope_deltas; cannot continue from the cache")
         maps = []
         for key in ("q", "r"):
             suffixes = [getattr(it, key)["input_ids"][P:] for it in items]
-            maps.append(self._suffix(cache, Pc, suffixes, layouts, rope_deltas))
+            maps.append(self._suffix(cache, Pc, suffixes, layouts))
         return MapBatch(maps[0], maps[1], layouts, list(self.layers))
 
-    def _suffix(self, cache, Pc: int, suffixes, layouts, rope_deltas):
+    def _suffix(self, cache, Pc: int, suffixes, layouts):
+        """Run right-padded ``suffixes`` on the prefix's cache and capture each sample's last
+        real suffix row; the cache is cut back to ``Pc`` columns afterwards."""
+        from vgkernels.integrations.continuation import cache_keyword, taken_over
+        from vgkernels.integrations.takeover import build_plan
+
+        shim = self.bundle.shim
         B = len(suffixes)
         k = max(s.numel() for s in suffixes)
         dev = self.bundle.device
@@ -380,27 +281,23 @@ class MapRunner:
         for b, s in enumerate(suffixes):
             ids[b, : s.numel()] = s
             mask[b, Pc + s.numel():] = 0
-        rows = torch.tensor([s.numel() - 1 for s in suffixes], device=dev)
-        kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "past_key_values": cache, "use_cache": True}
-        if self.bundle.family.startswith("qwen"):
-            # M-RoPE continues after the image from the positions the prefix left: the
-            # same rule generate() applies to new tokens.
-            pos = torch.arange(Pc, Pc + k, device=dev)[None, :] + rope_deltas.to(dev).reshape(-1, 1)
-            kw["position_ids"] = pos[None].expand(3, B, k)
-        target = self.bundle.llm()
+        target = shim.llm()
+        kw = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "use_cache": True,
+              cache_keyword(target.forward): cache}
+        pos = shim.suffix_positions(Pc, k, B, dev)
+        if pos is not None:
+            kw["position_ids"] = pos
         if self._logits_kw and _accepts(target.forward, "logits_to_keep"):
             kw.update(self._logits_kw)
-        spans = []
-        for l in layouts:
-            order = l.extra.get("sequence_order")
-            spans.append((int(l.key_start), int(l.N), None if order is None else torch.as_tensor(order).long()))
-        n_max = max(n for _, n, _ in spans)
-        state = _RowCapture({l: i for i, l in enumerate(self.layers)}, rows, spans, n_max, self.H, dev,
-                            self.backend)
-        with _capturing_rows(self.bundle.text_config(), state):
+        rows = [Pc + s.numel() - 1 for s in suffixes]
+        slots = {l: i for i, l in enumerate(self.layers)}
+        with taken_over(shim.layers(), self.layers, backend=self.backend) as tk:
+            tk.plan = plan = build_plan(sq=k, sk=Pc + k, layouts=layouts, device=dev, capture_slots=slots, rows=rows)
             target(**kw)
         cache.crop(-k)
         if cache.get_seq_length() != Pc:
             raise RuntimeError(f"KV cache holds {cache.get_seq_length()} tokens after removing the suffix, "
                                f"expected the prefix's {Pc}")
-        return state.maps
+        if plan.capture.maps is None:
+            raise RuntimeError("the suffix pass ran no captured layer")
+        return plan.capture.maps

@@ -6,7 +6,7 @@
     vgkernels refine --model tiny-llava --demo 24 --heads 2:1,1:0,3:3 --layers 2 --out /tmp/demo
     vgkernels refine ... --sweep-k 1,2,5,8,10,15,20 --sweep-p 30,40,50,60,70,80,90 --sweep-layers "16;15,16"
 
-Rows are read by :mod:`vgkernels.refine_eval` (short answers and multiple choice with the
+Rows are read by :mod:`vgkernels.refine.eval` (short answers and multiple choice with the
 paper's prompt templates). Every setting of the ``K × p × layers`` grid is evaluated from
 one capture per batch (:meth:`vgkernels.VGRefine.sweep`), next to plain greedy decoding
 ("baseline").
@@ -90,7 +90,7 @@ def parse_heads(text: str):
 
 
 def build_settings(args) -> list:
-    from .refine import Setting
+    from .method import Setting
 
     ks = _ints(args.sweep_k, "--sweep-k") or [args.k]
     ps = _floats(args.sweep_p, "--sweep-p") or [args.p]
@@ -102,17 +102,10 @@ def build_settings(args) -> list:
 
 
 def _load_model(args):
-    try:
-        from .sweep.models import load_model
-    except ImportError:  # pragma: no cover - the sweep package ships with vgkernels
-        load_model = None
-    if load_model is not None:
-        b = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
-        return b.model, b.processor, b.name
-    from .tiny import build_tiny
+    from vgkernels.integrations.loaders import load_model
 
-    model, proc = build_tiny(args.model, seed=args.seed)
-    return model.eval(), proc, args.model
+    b = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    return b.model, b.processor, b.name
 
 
 def _read_records(path: str) -> list:
@@ -140,8 +133,9 @@ def run(args) -> int:
     import torch
     from PIL import Image
 
-    from . import refine_eval as RE
-    from .refine import REFERENCE_PROMPT, VGRefine
+    from . import eval as RE
+    from ..constants import REFERENCE_PROMPT
+    from .method import VGRefine
 
     if (args.data is None) == (args.demo is None):
         raise SystemExit("vgkernels refine: give exactly one of --data FILE or --demo N")

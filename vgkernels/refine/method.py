@@ -13,14 +13,13 @@ Given images and questions, :class:`VGRefine`
     ``"zero"``: ``α̂ = α ⊙ M``), then decodes greedily.
 
 Cost. The authors run three full forward passes (eager attention, batch 1) and then
-``generate``. Here (see :mod:`vgkernels.refine_engine`), batched with padding:
+``generate``. Here (see :mod:`vgkernels.integrations.continuation`), batched with padding:
 
 - the question prompt runs once — that prefill is the one a plain ``generate`` pays
   anyway — with the model's own attention, plus one captured row per sample at the heads'
-  layers, and keeps its KV cache;
+  layers (:func:`vgkernels.patch_model`, composed execution), and keeps its KV cache;
 - the reference prompt shares the prefix through the image, so only its text after the
-  image is computed: as extra rows of that same forward, which see the prefix but not the
-  question (``fold_reference``), or as a suffix pass on the cache;
+  image is computed, as a suffix pass on the cache that hides the question's columns;
 - the knockout pass recomputes only the question rows and only at layers
   ``>= min(layers)``, from the hidden states the first pass produced at the input of that
   layer and the cached prefix; its last row gives the first answer token, and greedy
@@ -58,14 +57,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import refine_engine as E
-from ._types import Knockout
-from .presets import resolve_heads
-from .triage import triage_mask
+from vgkernels.integrations import continuation as E
+from vgkernels.integrations.takeover import BandSpec, build_plan
 
-REFERENCE_PROMPT = "Write a general description of the image."
-#: The LLaVA codebase's image sentinel (splice family).
-IMAGE_TOKEN_INDEX = -200
+from ..constants import IMAGE_TOKEN_INDEX, REFERENCE_PROMPT
+from ..presets import resolve_heads
+from ..triage import triage_mask
 
 
 @dataclass(frozen=True)
@@ -121,55 +118,27 @@ class _Prepared:
     T: int
     key_mask: torch.Tensor  # (B, T) bool
     pos: torch.Tensor  # (..., B, T) positions the text model used
-    last: torch.Tensor  # (B,) last real prompt column
-    span_start: torch.Tensor  # (B,)
-    span_len: torch.Tensor  # (B,)
+    last: list  # last real prompt column per sample
+    layout: list  # ImageLayout per sample
     first_logits: torch.Tensor  # (B, V) float32, pass I at `last`
     embeds: torch.Tensor  # (B, T, d) text-model input of pass I
     hidden_at: dict  # layer -> (B, T, d) input of that layer in pass I
-    maps: torch.Tensor  # (B, Lc, H, Nmax)
-    reference: torch.Tensor  # (B, Lc, Nmax)
+    maps: torch.Tensor  # (B, Lc, H, Nmax), row-major
+    reference: Optional[torch.Tensor]  # (B, Lc, Nmax)
     cap_layers: list
-    layout: list = field(default_factory=list)  # ImageLayout per sample
-    order: Optional[torch.Tensor] = None  # (B, Nmax): sequence offset of row-major token t
 
     @property
-    def text_start(self) -> torch.Tensor:
-        return self.span_start + self.span_len
+    def text_start(self) -> list:
+        """Per sample, the first column after the image."""
+        return [l.key_start + l.N for l in self.layout]
+
+    @property
+    def span_len(self) -> list:
+        return [l.N for l in self.layout]
 
 
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _one_image(spans) -> list:
-    out = []
-    for b, per in enumerate(spans):
-        if len(per) != 1:
-            raise ValueError(f"VGRefine: sample {b} has {len(per)} images in its prompt; exactly one is supported")
-        out.append(per[0])
-    return out
-
-
-def _sequence_order(layouts, nmax: int, device) -> Optional[torch.Tensor]:
-    """``(B, Nmax)`` int64: the sequence offset of row-major token ``t`` (identity past ``N_b``),
-    or None when every sample is already row-major."""
-    if all(l.extra.get("sequence_order") is None for l in layouts):
-        return None
-    order = torch.arange(nmax, device=device).repeat(len(layouts), 1)
-    for b, l in enumerate(layouts):
-        so = l.extra.get("sequence_order")
-        if so is not None:
-            order[b, : l.N] = torch.as_tensor(so, dtype=torch.long, device=device)
-    return order
-
-
-def _to_row_major(maps: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
-    """Maps over tokens in sequence order ``(B, L, H, N)`` -> row-major (SPEC §1)."""
-    if order is None:
-        return maps
-    idx = order[:, None, None, :].expand(*maps.shape[:-1], order.shape[-1])
-    return torch.gather(maps, -1, idx)
 
 
 class VGRefine:
@@ -198,18 +167,6 @@ class VGRefine:
         Greedy decoding length (closed-ended answers are short).
     backend
         Kernel backend of the knockout layers (``"auto"``: Triton on CUDA, torch on CPU).
-    capture
-        How pass I takes the maps: ``"rows"`` keeps the model's own attention in every
-        layer and computes only the captured row's probabilities at the heads' layers
-        (the question rows are computed exactly as in a plain prefill); ``"patch_model"`` uses
-        :func:`vgkernels.patch_model` (the vgkernels kernels at those layers).
-    fold_reference
-        Compute the reference prompt's text in the same forward as the question prompt
-        (extra rows with their own mask) rather than as a suffix pass after it; needs an
-        ``sdpa`` or ``eager`` model (flash-attention takes no 4-D mask) and ``capture="rows"``.
-        It saves a pass over the weights (a GPU's cost for a few rows) but gives the prefill
-        an explicit mask, which makes CPU SDPA compute the whole ``S²`` instead of the
-        causal half; ``"auto"`` folds on CUDA only.
     reuse_lower_layers
         Skip the layers below the first knockout layer in the knockout pass (exact: those
         rows are unchanged there). ``False`` recomputes the question rows at every layer.
@@ -218,20 +175,14 @@ class VGRefine:
     def __init__(self, model, processor, heads="huatuogpt-vision-7b", layers: Sequence[int] = (16,),
                  percentile: float = 50.0, mode: str = "renorm", reference_prompt: Optional[str] = REFERENCE_PROMPT,
                  *, top_k: Optional[int] = None, prompt: Optional[Callable[[str], str]] = None,
-                 max_new_tokens: int = 16, backend: str = "auto", reuse_lower_layers: bool = True,
-                 capture: str = "rows", fold_reference="auto"):
-        from .integrations import get_shim
+                 max_new_tokens: int = 16, backend: str = "auto", reuse_lower_layers: bool = True):
+        import inspect
+
+        from vgkernels.integrations import get_shim
 
         self.model, self.processor = model, processor
-        self.stack = E.text_stack(model)
-        if capture not in ("rows", "patch_model"):
-            raise ValueError(f"capture: expected 'rows' or 'patch_model', got {capture!r}")
-        self.capture = capture
-        if fold_reference not in ("auto", True, False):
-            raise ValueError(f"fold_reference: expected True, False or 'auto', got {fold_reference!r}")
-        self.fold_reference = fold_reference
         self._shim = get_shim(model, processor=processor)
-        import inspect
+        self.stack = self._shim.text_stack()
 
         params = inspect.signature(model.forward).parameters
         takes = "logits_to_keep" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
@@ -286,12 +237,7 @@ class VGRefine:
         return self._setting(k, p, layers, mode)
 
     def _chat(self, text: str) -> str:
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        proc = self.processor
-        tmpl = getattr(proc, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if tmpl is None:
-            return f"USER: <image>\n{text} ASSISTANT:"
-        return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return self._shim.chat_text(self.processor, text)
 
     def _backend(self, device) -> str:
         if self.backend == "auto":
@@ -322,11 +268,7 @@ class VGRefine:
         return ids[where[0] + 1:]
 
     def _encode(self, images, texts):
-        proc = self.processor
-        if hasattr(proc, "tokenizer_image_token"):
-            inputs = proc(images=images, text=texts)
-        else:
-            inputs = proc(images=images, text=texts, return_tensors="pt", padding=True)
+        inputs = self._shim.process(self.processor, images, texts)
         dev = self.stack.embed.weight.device
         return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
@@ -339,7 +281,14 @@ class VGRefine:
     @torch.no_grad()
     def prepare(self, images, questions, settings: Sequence[Setting] = ()) -> "_Prepared":
         """Pass I (question prompts, with their maps at the heads' layers) and the reference
-        suffix (its head-mean maps), for the batch and every setting in ``settings``."""
+        suffix (its head-mean maps), for the batch and every setting in ``settings``.
+
+        Pass I is the plain prefill under :func:`vgkernels.patch_model` (composed: every
+        row comes from the model's own attention; only the captured rows are recomputed),
+        plus hooks that keep the text model's inputs and the hidden states entering the
+        first knockout layer of each setting."""
+        from vgkernels.integrations.patch import patch_model
+
         images, questions = _as_list(images), _as_list(questions)
         if len(images) != len(questions) or not images:
             raise ValueError(f"expected as many images as questions (>= 1), got {len(images)} and {len(questions)}")
@@ -350,10 +299,8 @@ class VGRefine:
         sizes = [tuple(im.size) if hasattr(im, "size") and not callable(im.size) else None for im in images]
         sizes = None if any(z is None for z in sizes) else sizes
         stack = self.stack
-        rec: dict = {}
         dev = stack.embed.weight.device
-        plan = E.SuffixPlan(torch.ones(1, 1, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.long),
-                            torch.ones(1, dtype=torch.long), capture_layers=frozenset(cap_layers), passthrough=True)
+        rec: dict = {}
 
         def dec_hook(mod, args, kwargs):
             if "kw" in rec:
@@ -370,14 +317,6 @@ class VGRefine:
             if pos is None:
                 pos = torch.arange(T, device=emb.device)[None].expand(B, T)
             rec["kw"] = (emb, km, pos)
-            plan.key_mask = km
-            plan.capture_row = (T - 1) - torch.flip(km, dims=[1]).long().argmax(dim=1)
-            if self.capture == "rows":
-                rec["layout"] = lays = _one_image(self._shim.spans(record, km, sizes))
-                plan.span_start = torch.tensor([l.key_start for l in lays], device=emb.device)
-                plan.span_len = torch.tensor([l.N for l in lays], device=emb.device)
-                if fold:
-                    return self._fold_reference(kwargs, plan, ref_ids, rec)
 
         def layer_hook(idx):
             def hook(mod, args, kwargs):
@@ -391,100 +330,37 @@ class VGRefine:
         def shape_hook(mod, args, output):
             stack.layer_tuple_len = len(output) if isinstance(output, tuple) else 0
 
-        # The reference rows ride along in pass I (see _fold_reference) when the model's
-        # attention takes a 4-D mask; otherwise they run as a suffix pass afterwards.
-        ref_ids = self._suffix_ids(self.reference_prompt) if self.reference_prompt is not None else None
-        if ref_ids is not None and not ref_ids:
-            raise ValueError("reference prompt: no tokens follow the image")
-        want = self.fold_reference if self.fold_reference != "auto" else dev.type == "cuda"
-        fold = bool(want and ref_ids and self.capture == "rows" and all(
-            (c._attn_implementation or "eager") in ("sdpa", "eager") for c in stack.attn_configs))
         handles = [stack.decoder.register_forward_pre_hook(dec_hook, with_kwargs=True),
                    stack.decoder.register_forward_hook(out_hook, with_kwargs=True),
                    stack.layers[0].register_forward_hook(shape_hook)]
         handles += [stack.layers[l].register_forward_pre_hook(layer_hook(l), with_kwargs=True) for l in firsts]
         try:
-            if self.capture == "rows":
-                record = self._shim.observe((), inputs)
-                with E.suffix_attention(stack, plan):
-                    out = self.model(**inputs, use_cache=True, **self._keep_one)
-            else:
-                from .patching import patch_model
-
-                with patch_model(self.model, capture=cap_layers, processor=self.processor, image_sizes=sizes,
-                                 backend=self._backend(dev)) as vg:
-                    out = self.model(**inputs, use_cache=True, **self._keep_one)
-                rec["layout"], patched_maps = _one_image([[l] for l in vg.layout]), vg.maps
+            with patch_model(self.model, capture=cap_layers, processor=self.processor, image_sizes=sizes,
+                             backend=self._backend(dev)) as vg:
+                out = self.model(**inputs, use_cache=True, **self._keep_one)
         finally:
             for h in handles:
                 h.remove()
+        if vg.skipped:
+            raise ValueError(f"VGRefine: every question needs exactly one image; {vg.skipped}")
         emb, km, pos = rec["kw"]
-        lays = rec["layout"]
-        B, T = km.shape
-        last = plan.capture_row
-        start = torch.tensor([l.key_start for l in lays], device=dev)
-        length = torch.tensor([l.N for l in lays], device=dev)
-        order = _sequence_order(lays, int(length.max()), dev)
-        if self.capture == "rows":
-            maps = torch.stack([plan.maps[l] for l in cap_layers], dim=1)
-            maps = _to_row_major(maps, order)
-        else:
-            maps = patched_maps
+        T = km.shape[1]
+        last = (T - 1 - torch.flip(km, dims=[1]).to(torch.int8).argmax(dim=1)).tolist()
         # The LM head runs on each sample's last prompt row only (a plain generate's prefill
         # also asks the model for the last position's logits alone).
-        first_logits = E.logits_at(stack, rec["hidden"], last)
-        cache = out.past_key_values
-        if "folded" in rec:
-            E.cache_restore(cache, E.cache_snapshot(cache), length=T)  # drop the reference rows
-        snap = E.cache_snapshot(cache)
-        prep = _Prepared(cache, snap, T, km, pos, last, start, length, first_logits, emb,
-                         {l: rec[l][:, :T] for l in firsts}, maps, None, cap_layers, layout=lays, order=order)
-        if "folded" in rec:
-            ref = torch.stack([plan.extra_maps[l] for l in cap_layers], dim=1)
-            prep.reference = _to_row_major(ref, order).mean(dim=2)
-        elif self.reference_prompt is not None:
+        first_logits = E.logits_at(stack, rec["hidden"], torch.tensor(last, device=dev))
+        cache = E.output_cache(out)
+        prep = _Prepared(cache, E.cache_snapshot(cache), T, km, pos, last, list(vg.layout), first_logits, emb,
+                         {l: rec[l][:, :T] for l in firsts}, vg.maps, None, cap_layers)
+        if self.reference_prompt is not None:
             prep.reference = self._reference(prep)
         return prep
 
-    def _fold_reference(self, kwargs: dict, plan, ref_ids: list, rec: dict):
-        """Append the reference text after the ``T`` prompt columns of the prefill.
-
-        Row ``T + i`` is the reference prompt's ``i``-th token after the image: it sees the
-        columns before ``s_b`` (the shared prefix through the image) and the reference rows
-        before it, at positions continuing that of column ``s_b``; the prompt rows cannot
-        see it (causality). One forward thus yields the question rows, exactly as alone,
-        and the reference prompt's last row; the reference cache columns are dropped after.
-        Returns the new ``(args, kwargs)`` of the text model's forward.
-        """
-        emb, km, pos = rec["kw"]
-        B, T = km.shape
-        dev = emb.device
-        R = len(ref_ids)
-        s = plan.span_start + plan.span_len
-        ref_emb = self.stack.embed(torch.tensor(ref_ids, device=dev)[None].expand(B, R))
-        ref_pos = E.shift_positions(pos, s, torch.arange(R, device=dev))
-        cols = torch.arange(T + R, device=dev)
-        rows = cols
-        causal = cols[None, :] <= rows[:, None]  # (T+R, T+R)
-        keys_q = torch.cat([km, torch.zeros(B, R, dtype=torch.bool, device=dev)], 1)
-        keys_r = torch.cat([km & (cols[None, :T] < s[:, None]), torch.ones(B, R, dtype=torch.bool, device=dev)], 1)
-        is_ref = (rows >= T)[None, :, None]
-        allowed = causal[None] & torch.where(is_ref, keys_r[:, None, :], keys_q[:, None, :])
-        new = dict(kwargs)
-        new["inputs_embeds"] = torch.cat([emb, ref_emb.to(emb.dtype)], dim=1)
-        new["attention_mask"] = E.additive_mask(allowed, emb.dtype)
-        new["position_ids"] = torch.cat([pos, ref_pos.to(pos.dtype)], dim=-1)
-        if kwargs.get("cache_position") is not None:
-            new["cache_position"] = torch.arange(T + R, device=dev)
-        plan.key_mask = keys_q
-        plan.extra_row = torch.full((B,), T + R - 1, device=dev)
-        plan.extra_key_mask = keys_r
-        rec["folded"] = True
-        return (), new
-
     def _reference(self, prep: _Prepared) -> torch.Tensor:
         """Head-mean maps ``(B, Lc, Nmax)`` of the reference prompt's last token, computed as a
-        suffix on pass I's cache (the two prompts share every column before ``s_b``)."""
+        suffix on pass I's cache: its rows see the columns before each sample's first text
+        column (the prefix through the image, shared by both prompts) and each other, at
+        positions continuing that column's."""
         stack = self.stack
         ids = self._suffix_ids(self.reference_prompt)
         B, T = prep.key_mask.shape
@@ -492,21 +368,20 @@ class VGRefine:
         R = len(ids)
         if R == 0:
             raise ValueError("reference prompt: no tokens follow the image")
-        tok = torch.tensor(ids, device=dev)[None].expand(B, R)
-        emb = stack.embed(tok)
-        s = prep.text_start
+        emb = stack.embed(torch.tensor(ids, device=dev)[None].expand(B, R))
+        s = torch.tensor(prep.text_start, device=dev)
         pos = E.shift_positions(prep.pos, s, torch.arange(R, device=dev))
         cols = torch.arange(T, device=dev)
         km = torch.cat([prep.key_mask & (cols[None] < s[:, None]), torch.ones(B, R, dtype=torch.bool, device=dev)], 1)
-        plan = E.SuffixPlan(km, prep.span_start, prep.span_len, capture_layers=frozenset(prep.cap_layers),
-                            capture_row=torch.full((B,), T + R - 1, device=dev))
+        slots = {l: i for i, l in enumerate(prep.cap_layers)}
         try:
-            with E.suffix_attention(stack, plan):
-                E.run_text(stack, emb, pos, plan.additive_mask(R, emb.dtype), prep.cache, first_column=T)
+            with E.taken_over(stack.layers, prep.cap_layers, backend=self._backend(dev)) as tk:
+                tk.plan = plan = build_plan(sq=R, sk=T + R, layouts=prep.layout, device=dev, capture_slots=slots,
+                                            rows=[T + R - 1] * B)
+                E.run_text(stack, emb, pos, km, prep.cache, first_column=T)
         finally:
             E.cache_restore(prep.cache, prep.snap)
-        maps = _to_row_major(torch.stack([plan.maps[l] for l in prep.cap_layers], dim=1), prep.order)
-        return maps.mean(dim=2)
+        return plan.capture.maps.mean(dim=2)
 
     # ------------------------------------------------------------------ triage + knockout
 
@@ -517,44 +392,45 @@ class VGRefine:
         local = [(index[l], h) for l, h in heads]
         return triage_mask(prep.maps, local, reference=prep.reference, percentile=setting.p)
 
-    def _knockout(self, prep: _Prepared, keep: torch.Tensor, mode: str) -> Knockout:
-        # keep is row-major (SPEC §1); the kernel indexes keys in sequence order.
-        keep = torch.ones_like(keep).scatter(1, prep.order, keep) if prep.order is not None else keep
-        win, off, nmax = E._aligned_spans(prep.span_start, prep.span_len, prep.T)
-        B = keep.shape[0]
-        j = torch.arange(nmax, device=keep.device)
-        inside = (j[None] >= off[:, None]) & (j[None] < (off + prep.span_len)[:, None])
-        src = (j[None] - off[:, None]).clamp(0, keep.shape[1] - 1)
-        aligned = torch.where(inside, torch.gather(keep, 1, src), torch.ones_like(inside))
-        return Knockout(prep.text_start.long(), (prep.last + 1).long(), win.long(), aligned, mode)
-
     @torch.no_grad()
     def knockout_logits(self, prep: _Prepared, keep: torch.Tensor, setting: Setting, *, capture: bool = False):
         """Step II prefill: recompute the question rows with the knockout; leaves the combined
-        cache in ``prep.cache``. Returns ``(logits (B, V), maps or None)``."""
+        cache in ``prep.cache``. Returns ``(logits (B, V), maps or None)``; ``capture`` gives
+        the maps at ``prep.cap_layers`` (layers below the first knockout layer are reused, not
+        recomputed, under ``reuse_lower_layers``: their maps are NaN)."""
         stack = self.stack
         B, T = prep.key_mask.shape
-        s_min = int(prep.text_start.min())
+        dev = prep.key_mask.device
+        s_min = min(prep.text_start)
         first = min(setting.layers) if self.reuse_lower_layers else 0
         if self.reuse_lower_layers and first not in prep.hidden_at:
             raise ValueError(f"setting {setting.label()}: layer {first} was not prepared; pass the setting to prepare()")
-        E.cache_restore(prep.cache, prep.snap)  # whatever ran since pass I (a decode) is dropped
-        E.cache_restore(prep.cache, prep.snap, length=s_min, from_layer=first)
+        # Every layer's cache is cut to the first recomputed column (the text model sizes its
+        # mask from the cache); the skipped layers get pass I's full columns back afterwards.
+        E.cache_restore(prep.cache, prep.snap, length=s_min)
         rows = prep.hidden_at[first][:, s_min:] if first > 0 else prep.embeds[:, s_min:]
-        plan = E.SuffixPlan(prep.key_mask, prep.span_start, prep.span_len, knock_layers=frozenset(setting.layers),
-                            knockout=self._knockout(prep, keep, setting.mode), backend=self._backend(rows.device),
-                            capture_layers=frozenset(prep.cap_layers) if capture else frozenset(),
-                            capture_row=prep.last)
-        with E.suffix_attention(stack, plan), E.skip_layers(stack, first, rows):
-            hidden = E.run_text(stack, rows, prep.pos[..., s_min:], plan.additive_mask(T - s_min, rows.dtype),
-                                prep.cache, first_column=s_min)
-        logits = E.logits_at(stack, hidden, prep.last - s_min)
-        maps = torch.stack([plan.maps[l] for l in prep.cap_layers], dim=1) if capture else None
+        band = BandSpec(setting.layers, keep, setting.mode, prep.text_start, [e + 1 for e in prep.last])
+        cap = [l for l in prep.cap_layers if l >= first] if capture else []
+        slots = {l: i for i, l in enumerate(prep.cap_layers)}
+        with E.taken_over(stack.layers, sorted(set(setting.layers) | set(cap)), backend=self._backend(dev)) as tk, \
+                E.skip_layers(stack, first, rows):
+            tk.plan = plan = build_plan(sq=T - s_min, sk=T, layouts=prep.layout, device=dev,
+                                        capture_slots={l: slots[l] for l in cap}, rows=prep.last, band=band)
+            hidden = E.run_text(stack, rows, prep.pos[..., s_min:], prep.key_mask, prep.cache, first_column=s_min)
+        E.cache_restore(prep.cache, prep.snap, to_layer=first)
+        logits = E.logits_at(stack, hidden, torch.tensor(prep.last, device=dev) - s_min)
+        maps = None
+        if capture:
+            maps = torch.full_like(prep.maps, float("nan"))
+            if plan.capture is not None and plan.capture.maps is not None:
+                got = plan.capture.maps
+                for l in cap:
+                    maps[:, slots[l]] = got[:, slots[l]]
         return logits, maps
 
     def _decode(self, prep: _Prepared, first_logits: torch.Tensor, max_new_tokens: int):
-        B = prep.key_mask.shape[0]
-        last_pos = E.shift_positions(prep.pos, prep.last, torch.zeros(1, dtype=torch.long))
+        last = torch.tensor(prep.last, device=prep.key_mask.device)
+        last_pos = E.shift_positions(prep.pos, last, torch.zeros(1, dtype=torch.long))
         try:
             toks, step_logits = E.greedy_decode(self.stack, first_logits, prep.cache, prep.key_mask, last_pos,
                                                 max_new_tokens=max_new_tokens, eos=self.eos, pad_id=self.pad_id)

@@ -40,7 +40,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Optional
 
-SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+from ..constants import ANSWER_LINE
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = string.ascii_uppercase
 
@@ -71,7 +71,7 @@ def format_prompt(question: str, options: Optional[dict] = None) -> str:
     if options:
         lines = [f"{k}. {v}" for k, v in options.items()]
         return q + "\n" + "\n".join(lines) + "\n" + MC_INSTRUCTION
-    return q + "\n" + SHORT_INSTRUCTION
+    return q + "\n" + ANSWER_LINE
 
 
 _STRIP = string.whitespace + string.punctuation.replace("%", "")
@@ -235,7 +235,7 @@ def write_demo_data(directory: str, n: int = 12, seed: int = 0) -> str:
     four-option questions) to ``directory/data.jsonl``; returns its path."""
     import random
 
-    from .tiny import test_image
+    from ..tiny import test_image
 
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
     rnd = random.Random(seed)
