@@ -43,7 +43,7 @@ from vgkernels.layout import ImageLayout
 from .takeover import ATTN_KEY, EXECUTIONS, BandSpec, Takeover, build_plan
 
 QUERY_MODES = ("prompt", "prompt+generated")
-CAPTURE_ROWS = ("last",)
+CAPTURE_ROWS = ("last", "question")
 _FAR = 1 << 62
 
 
@@ -166,7 +166,7 @@ class VGHandle:
     execution : ``"composed"`` or ``"fused"``.
     """
 
-    def __init__(self, model, shim, capture_layers, knockout, backend, image_sizes, execution):
+    def __init__(self, model, shim, capture_layers, knockout, backend, image_sizes, execution, capture_rows="last"):
         self.model = model
         self.shim = shim
         self.family = shim.family
@@ -174,6 +174,7 @@ class VGHandle:
         self._knockout = knockout
         self.backend = backend
         self.execution = execution
+        self.capture_rows = capture_rows
         self.image_sizes = image_sizes
         self.layout: list = []
         self.skipped: list = []
@@ -402,8 +403,15 @@ class VGHandle:
         if self._takeover is None:
             return
         rows = [last[b] if lays[b] is not None else 0 for b in range(B)]
+        ranges = None
+        if self.capture_rows == "question":
+            ranges = [(min(l.key_start + l.N, e + 1), e + 1) if l is not None else (0, 0)
+                      for l, e in zip(lays, last)]
+            for u in range(B // k):
+                if lays[u * k] is not None and ranges[u * k][0] >= ranges[u * k][1]:
+                    self._note(u, "no question rows after the image", raise_for_knockout=False)
         plan = build_plan(sq=Sq, sk=total, layouts=lays, device=device, capture_slots=self._slots, rows=rows,
-                          band=band)
+                          row_ranges=ranges, band=band)
         self._takeover.plan = plan
         self._n_heads = self._heads()
         self._rows = plan.capture
@@ -553,7 +561,11 @@ def patch_model(
     execution : ``"composed"`` (default): ordinary rows come from the layer's own
         implementation, vgkernels computes only the knockout band and the captured rows;
         ``"fused"``: the whole patched layer runs in one vgkernels kernel.
-    capture_rows : ``"last"`` (the last real prompt token).
+    capture_rows : ``"last"`` (default): the last real prompt token's probabilities;
+        ``"question"``: per head, the probabilities over the image averaged over the
+        question rows (the first text token after the image through the last prompt
+        token; the authors' "Q-mode"), rebuilt row by row from each row's log-sum-exp so
+        that no ``rows × keys`` scores are formed.
     shim_options : passed to the family shim (e.g. ``token_order="column"`` for splice).
 
     Raises ``ValueError`` for an unsupported model (listing the families) or a layer out
@@ -595,7 +607,7 @@ def patch_model(
     for l in set(cap_layers) | (set(knockout.layers) if knockout else set()):
         if not hasattr(layers[l], "self_attn") or not hasattr(layers[l].self_attn, "config"):
             raise ValueError(f"patch_model: decoder layer {l} has no self_attn with a config to patch")
-    handle = VGHandle(model, shim, cap_layers, knockout, backend, image_sizes, execution)
+    handle = VGHandle(model, shim, cap_layers, knockout, backend, image_sizes, execution, capture_rows)
     try:
         handle._install()
     except ValueError as e:

@@ -181,13 +181,19 @@ def key_padding(mask, B: int, Sk: int) -> Optional[torch.Tensor]:
 
 @dataclass
 class CaptureRows:
-    """One captured row per sample and where its probabilities go.
+    """What each sample captures and where its probabilities go.
 
-    ``rel (B,)``: call-relative row index; ``limit (B,)``: its absolute position (keys
-    ``<= limit`` are causal); ``win (B,)``, ``n``: the kernel's key window
-    ``[win, win + n)``; ``gather (B, n)``: window offset of row-major image token ``t``;
-    ``valid (B, n)``: ``t < N_b`` and the sample is captured. ``in_band`` (host, per
-    sample): the row is knocked out at the knockout layers.
+    ``mode="last"``: one row per sample. ``rel (B,)``: call-relative row index;
+    ``limit (B,)``: its absolute position (keys ``<= limit`` are causal); ``in_band``
+    (host, per sample): the row is knocked out at the knockout layers.
+
+    ``mode="question"``: each sample's probabilities averaged over a range of rows (the
+    authors' "Q-mode"); rows ``[q0, q1)`` of the call hold every range and
+    ``weights (B, q1 - q0)`` float32 is ``1 / count`` on a sample's rows, 0 elsewhere.
+
+    Both: ``win (B,)``, ``n``: the kernel's key window ``[win, win + n)``;
+    ``gather (B, n)``: window offset of row-major image token ``t``; ``valid (B, n)``:
+    ``t < N_b`` and the sample is captured.
     """
 
     slots: dict
@@ -198,6 +204,10 @@ class CaptureRows:
     gather: torch.Tensor
     valid: torch.Tensor
     in_band: list
+    mode: str = "last"
+    q0: int = 0
+    q1: int = 0
+    weights: Optional[torch.Tensor] = None
     maps: Optional[torch.Tensor] = None
 
 
@@ -254,12 +264,13 @@ def sequence_offsets(lay: ImageLayout) -> torch.Tensor:
 
 def build_plan(*, sq: int, sk: int, layouts: Sequence[Optional[ImageLayout]], device,
                capture_slots: Optional[dict] = None, rows: Optional[Sequence[int]] = None,
-               band: Optional[BandSpec] = None) -> CallPlan:
+               row_ranges: Optional[Sequence[tuple]] = None, band: Optional[BandSpec] = None) -> CallPlan:
     """A :class:`CallPlan` for a call of ``sq`` rows over ``sk`` keys (absolute positions).
 
     ``layouts[b]`` is sample ``b``'s image (None: not captured; a knockout needs every
-    sample's image). ``rows[b]``: the captured row's absolute position. ``band``: the
-    knockout, clipped here to this call's rows.
+    sample's image). ``rows[b]``: the captured row's absolute position; or
+    ``row_ranges[b] = (start, end)``: capture the mean over those rows (all in this call).
+    ``band``: the knockout, clipped here to this call's rows.
     """
     B = len(layouts)
     first = sk - sq
@@ -310,7 +321,23 @@ def build_plan(*, sq: int, sk: int, layouts: Sequence[Optional[ImageLayout]], de
         # clamp start <= end so the kernel sees a valid (possibly empty) range
         ko = ko._replace(query_start=torch.minimum(ko.query_start, ko.query_end))
         plan.band = Band(frozenset(band.layers), r0, r1, end, band_rows.to(device), ko, keep_w.to(device))
-    if capture_slots and rows is not None:
+    if capture_slots and row_ranges is not None:
+        captured = [l is not None and first <= row_ranges[b][0] < row_ranges[b][1] <= sk
+                    for b, l in enumerate(layouts)]
+        if any(captured):
+            q0 = min(row_ranges[b][0] for b in range(B) if captured[b]) - first
+            q1 = max(row_ranges[b][1] for b in range(B) if captured[b]) - first
+            pos = torch.arange(first + q0, first + q1)
+            w = torch.zeros(B, q1 - q0)
+            for b in range(B):
+                if captured[b]:
+                    s, e = row_ranges[b]
+                    w[b] = ((pos >= s) & (pos < e)).float() / (e - s)
+            ok = torch.tensor(captured)[:, None]
+            last = torch.full((B,), sk - 1, dtype=torch.long).to(device)
+            plan.capture = CaptureRows(dict(capture_slots), last, last, win_t.to(device), n, gather.to(device),
+                                       (valid & ok).to(device), [False] * B, "question", q0, q1, w.to(device))
+    elif capture_slots and rows is not None:
         captured = [l is not None and first <= rows[b] < sk for b, l in enumerate(layouts)]
         if any(captured):
             rel = [rows[b] - first if captured[b] else sq - 1 for b in range(B)]
@@ -409,15 +436,23 @@ class Takeover:
                                               (query, key, value, scaling, dropout, kwargs))
         else:
             out, weights = self._original(module, cfg, query, key, value, mask, scaling, dropout, kwargs)
-            probs = None
-            band_probs = None
+            probs = band_probs = lse = None
             if band is not None:
                 out, band_probs, lse = self._band(kernels, q, k, v, kpm, scale, plan, cap, band, out)
                 if isinstance(weights, torch.Tensor):
                     weights = self._band_weights(weights, q, k, kpm, scale, band, lse, plan.sq, plan.sk)
-            if cap is not None:
+            if cap is not None and cap.mode == "question":
+                if band is not None and band.r0 <= cap.q0 and cap.q1 <= band.r1:
+                    lse_q = lse[:, :, cap.q0 - band.r0: cap.q1 - band.r0]
+                else:
+                    end = plan.sk - plan.sq + cap.q1
+                    kp = None if kpm is None else kpm[:, :end].contiguous()
+                    lse_q = kernels.attention(q[:, cap.q0:cap.q1], k[:, :end], v[:, :end], True, scale, kp, None,
+                                              None, True)[1]
+                probs = self._mean_rows(q, k, lse_q, scale, cap, band)
+            elif cap is not None:
                 probs = band_probs
-                if not all(cap.in_band[b] for b in range(B) if band is not None) or band is None:
+                if band is None or not all(cap.in_band):
                     row_probs = self._row_capture(kernels, q, k, v, kpm, scale, plan, cap)
                     if band_probs is not None:
                         sel = torch.tensor(cap.in_band, device=row_probs.device)[:, None, None]
@@ -460,7 +495,7 @@ class Takeover:
     def _band(self, kernels, q, k, v, kpm, scale, plan, cap, band, out):
         """Recompute the knockout rows; returns ``(out, band probs or None, lse)``."""
         r0, r1, end = band.r0, band.r1, band.end
-        cap_in = cap is not None and any(cap.in_band)
+        cap_in = cap is not None and cap.mode == "last" and any(cap.in_band)
         capture = Capture(cap.limit, cap.win, cap.n) if cap_in else None
         if capture is not None:
             # rows outside the band are never read; keep every row inside the call's block
@@ -487,14 +522,32 @@ class Takeover:
                                         Capture(last, cap.win, cap.n), True)
         return probs
 
+    def _mean_rows(self, q, k, lse, scale, cap, band):
+        """``(B, Hq, n)``: the probabilities over the window averaged over each sample's
+        rows, rebuilt one row at a time from the rows' log-sum-exp (``capture_from_lse``:
+        ``exp(scale·q·k_j − lse)``, zero on knocked-out keys), so no ``rows × keys`` score
+        matrix is ever formed."""
+        rebuild = _dispatch.get(self.backend, q.device, "capture_from_lse").capture_from_lse
+        keep = band.keep_window if band is not None else None
+        acc = None
+        for i in range(cap.q1 - cap.q0):
+            w = cap.weights[:, i]
+            p = rebuild(q[:, cap.q0 + i], k, lse[:, :, i].float(), cap.win, cap.n, scale, keep)
+            # rows a sample does not average (weight 0) may have no key at all (lse = -inf)
+            p = torch.where(w[:, None, None] > 0, p * w[:, None, None], 0.0)
+            acc = p if acc is None else acc + p
+        return acc
+
     def _fused(self, kernels, module, cfg, q, k, v, kpm, scale, plan, cap, band, mask, raw):
         """The whole layer in one kernel call; ``(out, weights, probs)``."""
         ko = None
         if band is not None:
             # the fused call sees every key: the band's knockout holds as it is
             ko = band.knockout
-        capture = Capture(cap.limit, cap.win, cap.n) if cap is not None else None
-        out, lse, probs = kernels.attention(q, k, v, True, scale, kpm, ko, capture, capture is not None)
+        capture = Capture(cap.limit, cap.win, cap.n) if cap is not None and cap.mode == "last" else None
+        out, lse, probs = kernels.attention(q, k, v, True, scale, kpm, ko, capture, cap is not None)
+        if cap is not None and cap.mode == "question":
+            probs = self._mean_rows(q, k, lse[:, :, cap.q0:cap.q1], scale, cap, band)
         weights = None
         if cfg._attn_implementation in (None, "eager"):
             # the model would return eager weights: give them, knocked-out rows recomputed

@@ -1,4 +1,4 @@
-"""VGRefine sweeps reuse one capture; the two pass-I capture paths agree; bad input raises."""
+"""VGRefine sweeps reuse one capture; last-row and question-row maps equal full patched runs; bad input raises."""
 import pytest
 import torch
 
@@ -106,6 +106,29 @@ def test_sweep_settings_differ_and_are_labelled(gen):
     assert len({r.setting for r in res}) == 4
 
 
+@pytest.mark.parametrize("maps", ["last", "question"])
+@pytest.mark.parametrize("name", ["tiny-llava-next", "tiny-qwen2.5-vl", "tiny-splice-vila"])
+def test_maps_equal_full_patched_runs(name, maps, gen):
+    """VGRefine's question maps (pass I) and reference maps (a suffix on pass I's cache)
+    equal patch_model on the full question and reference prompts, one sample at a time."""
+    from vgkernels import patch_model
+    from vgkernels.integrations import get_shim
+
+    m, proc = model(name)
+    images, qs = batch(gen, 2)
+    vr = VGRefine(m, proc, heads=HEADS, layers=[2], max_new_tokens=2, maps=maps)
+    r = vr(images, qs, return_maps=True)
+    shim = get_shim(m, processor=proc)
+    for b in range(2):
+        for text, want in ((qs[b], r.maps[b]), (vr.reference_prompt, r.reference[b])):
+            inp = shim.process(proc, [images[b]], [vr.prompt(text)])
+            with patch_model(m, capture=r.map_layers, capture_rows=maps, backend="torch") as vg, torch.no_grad():
+                m(**inp)
+            got = vg.maps[0] if want.dim() == 3 else vg.maps[0].mean(dim=1)
+            n = got.shape[-1]
+            torch.testing.assert_close(want[..., :n], got, atol=1e-5, rtol=1e-4)
+
+
 def test_bad_arguments_raise():
     m, proc = model("tiny-llava")
     with pytest.raises(ValueError, match="heads"):
@@ -120,6 +143,8 @@ def test_bad_arguments_raise():
         VGRefine(m, proc, heads=HEADS, layers=[1], percentile=101)
     with pytest.raises(ValueError, match="mode"):
         VGRefine(m, proc, heads=HEADS, layers=[1], mode="drop")
+    with pytest.raises(ValueError, match="maps: expected one of"):
+        VGRefine(m, proc, heads=HEADS, layers=[1], maps="all")
     vr = VGRefine(m, proc, heads=HEADS, layers=[1])
     with pytest.raises(ValueError, match="as many images as questions"):
         vr([make_image(30, 30)], ["a?", "b?"])

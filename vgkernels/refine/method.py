@@ -167,6 +167,11 @@ class VGRefine:
         Greedy decoding length (closed-ended answers are short).
     backend
         Kernel backend of the knockout layers (``"auto"``: Triton on CUDA, torch on CPU).
+    maps
+        ``"last"`` (default): triage reads the last prompt token's maps; ``"question"``:
+        the maps averaged over the question rows (the authors' "Q-mode", with which their
+        recorded VQA-RAD accuracy was obtained); the reference prompt's maps are then
+        averaged over its own text rows.
     reuse_lower_layers
         Skip the layers below the first knockout layer in the knockout pass (exact: those
         rows are unchanged there). ``False`` recomputes the question rows at every layer.
@@ -175,11 +180,17 @@ class VGRefine:
     def __init__(self, model, processor, heads="huatuogpt-vision-7b", layers: Sequence[int] = (16,),
                  percentile: float = 50.0, mode: str = "renorm", reference_prompt: Optional[str] = REFERENCE_PROMPT,
                  *, top_k: Optional[int] = None, prompt: Optional[Callable[[str], str]] = None,
-                 max_new_tokens: int = 16, backend: str = "auto", reuse_lower_layers: bool = True):
+                 max_new_tokens: int = 16, backend: str = "auto", reuse_lower_layers: bool = True,
+                 maps: str = "last"):
         import inspect
 
         from vgkernels.integrations import get_shim
 
+        from vgkernels.integrations.patch import CAPTURE_ROWS
+
+        if maps not in CAPTURE_ROWS:
+            raise ValueError(f"maps: expected one of {CAPTURE_ROWS}, got {maps!r}")
+        self.maps = maps
         self.model, self.processor = model, processor
         self._shim = get_shim(model, processor=processor)
         self.stack = self._shim.text_stack()
@@ -336,7 +347,7 @@ class VGRefine:
         handles += [stack.layers[l].register_forward_pre_hook(layer_hook(l), with_kwargs=True) for l in firsts]
         try:
             with patch_model(self.model, capture=cap_layers, processor=self.processor, image_sizes=sizes,
-                             backend=self._backend(dev)) as vg:
+                             backend=self._backend(dev), capture_rows=self.maps) as vg:
                 out = self.model(**inputs, use_cache=True, **self._keep_one)
         finally:
             for h in handles:
@@ -376,8 +387,9 @@ class VGRefine:
         slots = {l: i for i, l in enumerate(prep.cap_layers)}
         try:
             with E.taken_over(stack.layers, prep.cap_layers, backend=self._backend(dev)) as tk:
+                which = dict(rows=[T + R - 1] * B) if self.maps == "last" else dict(row_ranges=[(T, T + R)] * B)
                 tk.plan = plan = build_plan(sq=R, sk=T + R, layouts=prep.layout, device=dev, capture_slots=slots,
-                                            rows=[T + R - 1] * B)
+                                            **which)
                 E.run_text(stack, emb, pos, km, prep.cache, first_column=T)
         finally:
             E.cache_restore(prep.cache, prep.snap)
@@ -414,8 +426,10 @@ class VGRefine:
         slots = {l: i for i, l in enumerate(prep.cap_layers)}
         with E.taken_over(stack.layers, sorted(set(setting.layers) | set(cap)), backend=self._backend(dev)) as tk, \
                 E.skip_layers(stack, first, rows):
+            which = dict(rows=prep.last) if self.maps == "last" else \
+                dict(row_ranges=list(zip(prep.text_start, [e + 1 for e in prep.last])))
             tk.plan = plan = build_plan(sq=T - s_min, sk=T, layouts=prep.layout, device=dev,
-                                        capture_slots={l: slots[l] for l in cap}, rows=prep.last, band=band)
+                                        capture_slots={l: slots[l] for l in cap}, band=band, **which)
             hidden = E.run_text(stack, rows, prep.pos[..., s_min:], prep.key_mask, prep.cache, first_column=s_min)
         E.cache_restore(prep.cache, prep.snap, to_layer=first)
         logits = E.logits_at(stack, hidden, torch.tensor(prep.last, device=dev) - s_min)
