@@ -41,6 +41,7 @@ TINY_FAMILIES = {
     "tiny-qwen2.5-vl": "qwen2.5-vl",
     "tiny-splice": "splice",
     "tiny-splice-vila": "splice-vila",
+    "tiny-grounded": "llava",
 }
 DEFAULT_MODEL = "tiny-llava"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
