@@ -437,6 +437,7 @@ class VGHandle:
                 f"knockout.keep: expected shape {want} for this batch (image tokens per sample "
                 f"{ns[::k]}), got {tuple(keep.shape)}"
             )
+        keep = keep.to("cpu")  # read once here; the plans of later calls reuse it
         if k > 1:
             keep = keep.repeat_interleave(k, dim=0)
         qs = [min(l.key_start + l.N, e + 1) for l, e in zip(lays, last)]
@@ -451,15 +452,15 @@ class VGHandle:
 
     def _decode_call(self, B, Sq, past, static, device) -> None:
         ko, p = self._knockout, self._prompt
-        if p is None or p.B != B or static:
+        if p is None or p.B != B or static or p.keep is None:
             why = ("a static cache" if static else "no prompt call of this batch preceded it" if p is None else
-                   f"its batch of {B} differs from the prompt's {p.B}")
+                   f"its batch of {B} differs from the prompt's {p.B}" if p.B != B else
+                   "the prompt call ran without this knockout")
             raise ValueError(f"knockout: cannot apply to a call of {Sq} rows after {past} cached positions: {why}")
         qe = p.prompt_end if ko.queries == "prompt" else [_FAR] * B
         if all(e <= past for e in qe):
             return  # no row of this call is knocked out
-        keep = ko.keep if ko.keep.shape[0] == B else ko.keep.repeat_interleave(B // ko.keep.shape[0], dim=0)
-        band = BandSpec(ko.layers, keep, ko.mode, p.query_start, qe)
+        band = BandSpec(ko.layers, p.keep, ko.mode, p.query_start, qe)
         self._takeover.plan = build_plan(sq=Sq, sk=past + Sq, layouts=p.layouts, device=device, band=band)
 
     # -- skips

@@ -284,8 +284,11 @@ def build_plan(*, sq: int, sk: int, layouts: Sequence[Optional[ImageLayout]], de
     r0 = r1 = 0
     band_rows = None
     if band is not None:
+        kp = band.keep.to("cpu")
+        # A sample whose keep drops nothing keeps the model's own rows (bit for bit).
+        drops = [l is not None and not bool(kp[b, : l.N].all()) for b, l in enumerate(layouts)]
         lo = [max(band.query_start[b], first) for b in range(B)]
-        hi = [min(band.query_end[b], sk) for b in range(B)]
+        hi = [min(band.query_end[b], sk) if drops[b] else lo[b] for b in range(B)]
         live = [b for b in range(B) if hi[b] > lo[b]]
         if live:
             r0 = min(lo[b] for b in live) - first
@@ -312,7 +315,6 @@ def build_plan(*, sq: int, sk: int, layouts: Sequence[Optional[ImageLayout]], de
             missing = [b for b, l in enumerate(layouts) if l is None]
             raise ValueError(f"knockout: sample(s) {missing} have no image to knock out")
         keep_w = torch.ones(B, n, dtype=torch.bool)
-        kp = band.keep.to("cpu")
         for b, lay in enumerate(layouts):
             keep_w[b].scatter_(0, gather[b, : lay.N], kp[b, : lay.N])
         ko = Knockout(torch.tensor(band.query_start, dtype=torch.long).clamp(max=end).to(device),

@@ -15,7 +15,8 @@ COMMANDS = {
     "sweep": ("vgkernels.sweep.command", "grounding metrics (AR/KL/JS per layer and head) of a model over a dataset"),
     "heads": ("vgkernels.sweep.heads", "rank attention heads of a finished sweep by mean KL, write heads.json"),
     "report": ("vgkernels.sweep.report", "redraw the tables and plots of a finished sweep"),
-    "demo": ("vgkernels.sweep.demo", "generate shapes-on-noise data and sweep a tiny model over it (about a minute)"),
+    "demo": ("vgkernels.sweep.demo", "generate coloured shapes on noise with boxes and sweep tiny-grounded, a tiny model "
+                                     "with planted grounding heads, over it (under a minute on 2 CPU cores)"),
     "refine": ("vgkernels.refine.cli", "closed-ended VQA accuracy with and without VGRefine, with K/p/layer sweeps"),
 }
 DEFAULT_COMMAND = "demo"

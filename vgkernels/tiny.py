@@ -27,6 +27,11 @@ runs (vision tower, projector, image-token expansion, M-RoPE, anyres tiles, KV c
 ``tiny-splice-vila``   :class:`TinyVilaForCausalLM`, a stand-in for VILA / VILA-M3 / NVILA:
                        the LLM sits at ``.llm`` and ``mlp_downsample`` emits its tokens in
                        column-major order.
+``tiny-grounded``      ``LlavaForConditionalGeneration`` like ``tiny-llava`` (same
+                       processor classes and chat template) whose weights are set by
+                       construction: three planted heads attend to the image tokens of
+                       the colour the question names (:mod:`vgkernels.tiny_grounded`);
+                       its sizes are fixed by the construction.
 =====================  ===========================================================
 
 Size keywords (all families): ``num_layers`` (4), ``hidden_size`` (64), ``num_heads`` (4),
@@ -55,6 +60,7 @@ TINY_MODELS = (
     "tiny-qwen2.5-vl",
     "tiny-splice",
     "tiny-splice-vila",
+    "tiny-grounded",
 )
 
 
@@ -77,11 +83,14 @@ def _tf_major() -> int:
 
 
 def byte_tokenizer(specials: Sequence[str], *, pad: str, eos: str, bos: Optional[str] = None,
-                   chat_template: Optional[str] = None, padding_side: str = "left", extra: Optional[dict] = None):
+                   chat_template: Optional[str] = None, padding_side: str = "left", extra: Optional[dict] = None,
+                   words: Sequence[str] = ()):
     """A ``PreTrainedTokenizerFast`` over the 256 byte-level symbols plus ``specials``.
 
     No merges: every byte is one token, so any text encodes and decodes exactly; the
-    special tokens get ids ``256, 257, ...`` in the order given.
+    special tokens get ids ``256, 257, ...`` in the order given. ``words`` are then added
+    as ordinary (not special) tokens that match whole words only, as a real vocabulary's
+    word tokens would (``tiny-grounded`` gives its colour names one token each).
     """
     import tokenizers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -92,6 +101,8 @@ def byte_tokenizer(specials: Sequence[str], *, pad: str, eos: str, bos: Optional
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in specials])
+    if words:
+        tok.add_tokens([tokenizers.AddedToken(w, single_word=True, normalized=False) for w in words])
     kwargs = dict(tokenizer_object=tok, pad_token=pad, eos_token=eos, padding_side=padding_side,
                   model_input_names=["input_ids", "attention_mask"])
     if bos is not None:
@@ -194,10 +205,11 @@ def _init(cls, config, seed: int, attn: str):
 # ----------------------------------------------------------------------------- llava
 
 
-def _llava_tokenizer():
+def _llava_tokenizer(words: Sequence[str] = ()):
     return byte_tokenizer(
         ["<pad>", "<s>", "</s>", "<image>"], pad="<pad>", eos="</s>", bos="<s>",
         chat_template=LLAVA_CHAT_TEMPLATE, extra={"image_token": "<image>"} if _tf_major() >= 5 else None,
+        words=words,
     )
 
 
@@ -761,6 +773,14 @@ def build_splice_vila(seed: int = 0, **overrides):
     return _build_splice("vila", seed, overrides)
 
 
+def build_grounded(seed: int = 0, **overrides):
+    """``tiny-grounded``: a ``tiny-llava``-like model with planted grounding heads; see
+    :mod:`vgkernels.tiny_grounded`."""
+    from .tiny_grounded import build_grounded as build
+
+    return build(seed, **overrides)
+
+
 _BUILDERS = {
     "tiny-llava": build_llava,
     "tiny-llava-next": build_llava_next,
@@ -768,6 +788,7 @@ _BUILDERS = {
     "tiny-qwen2.5-vl": build_qwen2_5_vl,
     "tiny-splice": build_splice,
     "tiny-splice-vila": build_splice_vila,
+    "tiny-grounded": build_grounded,
 }
 
 

@@ -30,9 +30,9 @@ from .store import FORMAT_VERSION, SampleResult, ShardWriter, check_or_write_met
 
 def add_arguments(p):
     p.add_argument("--model", default="tiny-llava",
-                   help="local Hugging Face model directory, or a built-in tiny model (tiny-llava, tiny-llava-next, "
-                        "tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-splice, tiny-splice-vila), optionally with sizes: "
-                        "tiny-llava:num_layers=8,num_heads=8 (default tiny-llava)")
+                   help="local Hugging Face model directory, or a built-in tiny model (tiny-grounded, tiny-llava, "
+                        "tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-splice, tiny-splice-vila), optionally "
+                        "with sizes: tiny-llava:num_layers=8,num_heads=8 (default tiny-llava)")
     p.add_argument("--data", required=True, nargs="+", help="question file(s): authors' JSONL, manifest JSONL or "
                                                              "COCO instances_*.json")
     p.add_argument("--out", required=True, help="output directory (resumable)")

@@ -17,8 +17,9 @@ Plots (PNG, matplotlib's Agg backend):
 - ``plots/heads_kl.png`` — layer × head mean KL, raw and reference-normalised
   (Fig. D.1);
 - ``plots/overlays.png`` — for up to ``--overlays`` samples whose raw maps were kept:
-  the image with its boxes, and the reference-normalised head-mean map of the layer
-  with the lowest mean KL over the sweep painted over it (Fig. 1).
+  the image with its boxes, and the head-mean maps of the layer with the lowest mean
+  KL/ref over the sweep for the question prompt, the reference prompt and their ratio
+  painted over it (Fig. 1), in units of the map's mean (1 = uniform).
 """
 from __future__ import annotations
 
@@ -149,24 +150,35 @@ def plot_layers(path, recs, layer, field=None, title="", layers=None):
     plt.close(fig)
 
 
-def plot_heads(path, head, title="", layers=None):
+def plot_heads(path, head, title="", layers=None, marks=None, mark_label="marked"):
+    """Layer × head mean KL heatmaps; ``marks`` (``(layer, head)`` pairs, e.g. the heads a
+    model was built with) are outlined and named ``mark_label`` in the legend."""
     plt = _plt()
+    from matplotlib.patches import Rectangle
+
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     L, H = head.shape[2], head.shape[3]
     names = list(range(L)) if layers is None else list(layers)
+    col = {int(n): i for i, n in enumerate(names)}
     for ax, j, kind in ((axes[0], 1, "KL, question maps"), (axes[1], 4, "KL, reference-normalised")):
         mean, _ = _nanmean(head[:, j].astype(np.float64), axis=0)  # (L, H)
         im = ax.imshow(mean.T, aspect="auto", origin="lower", cmap="viridis_r")
         if layers is not None:
             step = max(1, L // 16)
             ax.set_xticks(range(0, L, step), [str(names[i]) for i in range(0, L, step)])
+        ax.set_yticks(range(0, H, max(1, H // 16)))
         ax.set_xlabel("layer")
         ax.set_ylabel("head")
         ax.set_title(f"{kind} (lower is better)", fontsize=10)
         if np.isfinite(mean).any():
             l, h = np.unravel_index(np.nanargmin(mean), mean.shape)
-            ax.plot([l], [h], marker="*", color="red", ms=12, ls="")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+            ax.plot([l], [h], marker="*", color="red", ms=12, ls="", label="best")
+        for i, (ml, mh) in enumerate(m for m in (marks or ()) if int(m[0]) in col and 0 <= int(m[1]) < H):
+            ax.add_patch(Rectangle((col[int(ml)] - 0.5, int(mh) - 0.5), 1, 1, fill=False, ec="white", lw=2.5,
+                                   ls="--", label=mark_label if i == 0 else None))
+        if marks:
+            ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="mean KL (nats)")
     fig.suptitle(title or f"Mean KL per layer and head ({head.shape[0]} samples; star = best)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -186,7 +198,12 @@ def _paint(cells, values, width, height):
 
 
 def plot_overlays(path, out_dir, meta, recs, layer, n: int):
-    """Up to ``n`` samples with kept maps; returns how many were drawn."""
+    """Up to ``n`` samples with kept maps; returns how many were drawn.
+
+    Per sample: the image, then the head-mean map of the layer with the lowest mean KL/ref
+    for the question prompt, for the reference prompt, and their ratio, each as attention
+    per token ÷ its mean over the image (1 = uniform), on one colour scale per row.
+    """
     from PIL import Image
 
     L, H = int(meta["L"]), int(meta["H"])
@@ -199,7 +216,8 @@ def plot_overlays(path, out_dir, meta, recs, layer, n: int):
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(10, 3.3 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 4, figsize=(13, 3.4 * len(chosen) + 0.6), squeeze=False,
+                             constrained_layout=True)
     for row, rec in zip(axes, chosen):
         maps_q, maps_ref, cells = read_maps(out_dir, rec, L, H)
         try:
@@ -209,33 +227,41 @@ def plot_overlays(path, out_dir, meta, recs, layer, n: int):
         width, height = (img.size if img is not None else tuple(rec.get("image_size") or (336, 336)))
         a = maps_q[best].mean(axis=0)
         ref = np.maximum(maps_ref[best].mean(axis=0), np.finfo(np.float32).tiny)
-        for ax, vals, kind in ((row[1], a, "question"), (row[2], a / ref, "÷ reference")):
+        i = rec["row"]
+        panels = [(row[1], a, f"layer {best_name}, question prompt\nKL {layer[i, 1, best]:.2f}  AR {layer[i, 0, best]:.2f}"),
+                  (row[2], ref, f"layer {best_name}, reference prompt"),
+                  (row[3], a / ref, f"question ÷ reference\nKL/ref {layer[i, 4, best]:.2f}  "
+                                    f"AR/ref {layer[i, 3, best]:.2f}")]
+        rel = [vals / np.nanmean(vals) for _, vals, _ in panels]
+        vmax = max(float(np.nanmax(v)) for v in rel)
+        for (ax, _, title), vals in zip(panels, rel):
             if img is not None:
                 ax.imshow(img)
-            canvas = _paint(cells, vals / np.nanmax(vals), width, height)
-            ax.imshow(canvas, cmap="jet", alpha=0.5 if img is not None else 1.0, extent=(0, width, height, 0))
-            ax.set_title(f"layer {best_name}, {kind}", fontsize=9)
+            canvas = _paint(cells, vals, width, height)
+            im = ax.imshow(canvas, cmap="jet", vmin=0, vmax=vmax, alpha=0.5 if img is not None else 1.0,
+                           extent=(0, width, height, 0))
+            ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=list(row[1:]), fraction=0.02, pad=0.01, label="attention ÷ mean (1 = uniform)")
         if img is not None:
             row[0].imshow(img)
-        row[0].set_title(rec["question"][:60], fontsize=8)
+        q = rec["question"]
+        row[0].set_title(q if len(q) <= 48 else q[:48] + "\n" + q[48:96], fontsize=9)
         for ax in row:
             for (x, y, w, h) in rec["boxes"]:
                 ax.add_patch(Rectangle((x, y), w, h, fill=False, ec="red", lw=1.5))
             ax.set_xlim(0, width)
             ax.set_ylim(height, 0)
             ax.axis("off")
-        i = rec["row"]
-        row[0].text(0, height * 1.08, f"KL {layer[i, 1, best]:.2f}  KL/ref {layer[i, 4, best]:.2f}  "
-                    f"AR/ref {layer[i, 3, best]:.2f}", fontsize=8, va="top")
     fig.suptitle("Last-token attention over the image (red: ground-truth boxes)")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return len(chosen)
 
 
-def write_report(out_dir: str, *, overlays: int = 6, group_by=None) -> dict:
-    """Tables and plots of a merged sweep; returns the written paths and the layer text."""
+def write_report(out_dir: str, *, overlays: int = 6, group_by=None, marked_heads=None,
+                 mark_label: str = "marked") -> dict:
+    """Tables and plots of a merged sweep; returns the written paths and the layer text.
+    ``marked_heads``: ``(layer, head)`` pairs outlined in ``heads_kl.png`` as ``mark_label``."""
     meta, recs, head, layer = load_results(out_dir)
     fields = breakdown_fields(recs) if group_by is None else list(group_by)
     layers = meta.get("layers")
@@ -251,7 +277,8 @@ def write_report(out_dir: str, *, overlays: int = 6, group_by=None) -> dict:
         plot_layers(paths["layers_png"], recs, layer, prefer[0] if prefer else None, title, layers)
         paths["heads_png"] = os.path.join(pdir, "heads_kl.png")
         plot_heads(paths["heads_png"], head, f"{meta.get('model')}: mean KL per layer and head "
-                                             f"({len(recs)} samples; star = best)", layers)
+                                             f"({len(recs)} samples; star = best)", layers,
+                   marks=marked_heads, mark_label=mark_label)
         if overlays > 0:
             p = os.path.join(pdir, "overlays.png")
             if plot_overlays(p, out_dir, meta, recs, layer, overlays):
