@@ -234,7 +234,7 @@ def test_assisted_decoding_and_logits_to_keep(name):
     per call) and a forward with logits_to_keep: capture is unchanged."""
     model, proc, ref = models(name)
     inp = make_inputs(name, proc, [PROMPTS[1]], [SIZES[1]])
-    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, assistant_model=ref)
+    kw = dict(max_new_tokens=6, do_sample=False, assistant_model=ref)
     with torch.no_grad():
         want = model.generate(**inp, **kw)
         with patch_model(model, capture="all", backend=BACKEND) as vg:
