@@ -45,6 +45,22 @@ def available_bytes() -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+class timing_threads:
+    """The intra-op threads the CPU timings run with (one: process CPU time then measures
+    work, not waiting); on CUDA a no-op. Compile anything that bakes the thread count in
+    (inductor's CPU code) under the same setting, or it recompiles when timed."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        if not CUDA:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+        return False
+
+
 # ----------------------------------------------------------------------------- rows
 
 

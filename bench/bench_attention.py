@@ -41,7 +41,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _benchlib import CUDA, DEVICE, DTYPE, INTERPRETER_SKIP, SHAPE_SET, available_bytes, gib
+from _benchlib import CUDA, DEVICE, DTYPE, INTERPRETER_SKIP, SHAPE_SET, available_bytes, gib, timing_threads
 
 import vgkernels
 from vgkernels import Capture, Knockout
@@ -186,7 +186,8 @@ def _flex(case: Case, q, k, v, G) -> Prov:
     try:
         block_mask = create_block_mask(mask_mod, case.B, None, case.S, case.S, device=q.device)
         flex = torch.compile(flex_attention, dynamic=False)
-        flex(q, k, v, block_mask=block_mask, enable_gqa=G > 1)
+        with timing_threads():  # compiled for the thread count it is timed with
+            flex(q, k, v, block_mask=block_mask, enable_gqa=G > 1)
     except Exception as e:  # e.g. no compiler backend for this device
         pytest.skip(f"FlexAttention unavailable here: {type(e).__name__}: {str(e)[:200]}")
     graphs = counters["stats"]["unique_graphs"] - graphs0

@@ -83,7 +83,8 @@ else:
     N_SWEEP, SWEEP_BATCH = 8, 8
 # Timed calls per row: a forward is tens of ms on the GPU; generate, refine and sweep are
 # whole pipelines (and a CPU round costs seconds).
-ROUNDS = {"forward": 10, "refine": 5, "sweep": 3} if CUDA else {"forward": 3, "refine": 3, "sweep": 3}
+ROUNDS = ({"forward": 10, "refine": 5, "sweep": 3, "pairs": 10} if CUDA else
+          {"forward": 3, "refine": 3, "sweep": 3, "pairs": 5})
 
 
 def executions() -> list:
@@ -153,35 +154,40 @@ def test_model_forward(measure, provider, B):
     # fused execution recomputes whole layers, so bf16 rounding differs a little).
     tol = dict(atol=5e-2, rtol=5e-2) if CUDA else dict(atol=1e-3, rtol=1e-3)
 
+    forward = lambda: model(**inputs)  # noqa: E731
+    pair = dict(paired=forward, paired_rounds=ROUNDS["pairs"])
     with torch.no_grad():
         if provider == "unpatched":
-            measure(lambda: model(**inputs), note="model's own forward (sdpa)", **kw)
+            measure(forward, note="model's own forward (sdpa)", **kw)
         elif provider == "capture-all+patch-per-call":
             def fn():
                 with vgkernels.patch_model(model, capture="all") as vg:
                     model(**inputs)
                 return vg.maps
 
-            measure(fn, note="patch_model entered and left around every forward", extra=extra, **kw)
-        elif provider.startswith("capture-all"):
-            with vgkernels.patch_model(model, capture="all", **_exe_kw(provider)) as vg:
-                out = model(**inputs)
-                maps = vg.maps
-                assert maps is not None and tuple(maps.shape) == (B, L, MODEL_SIZES["num_heads"], N_IMAGE), \
-                    None if maps is None else tuple(maps.shape)
-                assert torch.isfinite(maps).all(), "capture produced non-finite maps"
-                torch.testing.assert_close(out.logits.float(), ref_logits, **tol,
-                                           msg="capture-only logits differ from the unpatched model's")
-                measure(lambda: (model(**inputs), vg.maps), note="patched once, outside the timing", extra=extra,
-                        **kw)
+            measure(fn, note="patch_model entered and left around every forward", extra=extra, **kw, **pair)
         else:
-            plan = vgkernels.KnockoutPlan(layers=[lko], keep=keep)
-            with vgkernels.patch_model(model, capture=None, knockout=plan, **_exe_kw(provider)):
+            if provider.startswith("capture-all"):
+                patch = lambda: vgkernels.patch_model(model, capture="all", **_exe_kw(provider))  # noqa: E731
+                note = "patched once, outside the timing"
+            else:
+                plan = vgkernels.KnockoutPlan(layers=[lko], keep=keep)
+                patch = lambda: vgkernels.patch_model(model, capture=None, knockout=plan,  # noqa: E731
+                                                      **_exe_kw(provider))
+                note = f"one-layer knockout at layer {lko}, half the image kept; patched outside the timing"
+            with patch() as vg:  # what the row claims, checked before it is timed
                 out = model(**inputs)
-                assert not torch.allclose(out.logits.float(), ref_logits, atol=1e-6, rtol=0), \
-                    "the knockout left the logits unchanged: it did not run"
-                measure(lambda: model(**inputs), note=f"one-layer knockout at layer {lko}, half the image kept",
-                        extra=extra, **kw)
+                if provider.startswith("capture-all"):
+                    maps = vg.maps
+                    assert maps is not None and tuple(maps.shape) == (B, L, MODEL_SIZES["num_heads"], N_IMAGE), \
+                        None if maps is None else tuple(maps.shape)
+                    assert torch.isfinite(maps).all(), "capture produced non-finite maps"
+                    torch.testing.assert_close(out.logits.float(), ref_logits, **tol,
+                                               msg="capture-only logits differ from the unpatched model's")
+                else:
+                    assert not torch.allclose(out.logits.float(), ref_logits, atol=1e-6, rtol=0), \
+                        "the knockout left the logits unchanged: it did not run"
+            measure(forward, note=note, extra=extra, context=patch, **kw, **pair)
 
 
 # ----------------------------------------------------------------------------- VGRefine
@@ -269,6 +275,9 @@ def test_refine(measure, record, provider):
             measure(lambda: model.generate(**q_in, max_new_tokens=G_NEW, min_new_tokens=G_NEW, do_sample=False),
                     note=f"model.generate, {G_NEW} new tokens (min_new_tokens={G_NEW})", **kw)
         elif provider == "vgrefine":
+            q_in = _prompt_inputs(bundle, image, f"{QUESTION}\n{ANSWER_LINE}")
+            plain = lambda: model.generate(**q_in, max_new_tokens=G_NEW, min_new_tokens=G_NEW,  # noqa: E731
+                                           do_sample=False)
             vr = vgkernels.VGRefine(model, proc, heads=heads, layers=layers, max_new_tokens=G_NEW)
             note = "VGRefine defaults"
             if hasattr(vr, "eos"):
@@ -276,7 +285,7 @@ def test_refine(measure, record, provider):
                 note += f"; EOS off ({G_NEW} tokens)"
             res = vr([image], [QUESTION])
             assert tuple(res.tokens.shape) == (1, G_NEW), tuple(res.tokens.shape)
-            measure(lambda: vr([image], [QUESTION]), note=note, **kw)
+            measure(lambda: vr([image], [QUESTION]), note=note, paired=plain, paired_rounds=ROUNDS["pairs"], **kw)
         else:
             eager = llava("eager").model
             out = naive_three_pass(eager, proc, image, G_NEW, heads, layers)
@@ -363,6 +372,9 @@ def test_sweep(measure, record, provider):
                 assert res["done"] == len(samples), res
                 return res
 
-            ms = measure(fn, note=f"vgkernels sweep, batch {SWEEP_BATCH}", **kw)
+            # Alternating pairs with the loop on a GPU; on CPU a pair costs half a minute.
+            pair = dict(paired=lambda: _output_attentions_loop(llava("eager"), samples), paired_rounds=3) if CUDA \
+                else {}
+            ms = measure(fn, note=f"vgkernels sweep, batch {SWEEP_BATCH}", **kw, **pair)
     record(note=f"{'batch 1, eager' if provider != 'sweep' else f'vgkernels sweep, batch {SWEEP_BATCH}'}; "
                 f"{N_SWEEP / (ms * 1e-3):.2f} samples/s")

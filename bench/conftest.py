@@ -18,6 +18,9 @@ row that ``bench/run.py`` tabulates:
 ``tflops`` / ``gbps``   from the ``flops`` / ``bytes`` the benchmark declares
 ``peak_mib``   on CUDA, the peak memory allocated during one call beyond what was
                allocated before it (the call's working memory); None on CPU
+``extra.paired`` the median cost ratio row / baseline over alternating pairs of calls
+               (``measure(paired=baseline_fn)``): the ratio the model-level targets use,
+               robust to load that changes between one row's timing and another's
 ``note``       free text (a test may call ``record(note=...)`` again after ``measure``: the
                last record of a row wins); ``extra`` a dict of facts about the row (e.g. ``compile``: how
                FlexAttention was compiled and that the timed calls ran compiled code;
@@ -29,6 +32,7 @@ calls ``pytest.skip(reason)``; the reason goes to ``$BENCH_SKIPS``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -37,7 +41,7 @@ import time
 import pytest
 import torch
 
-from _benchlib import CUDA, DEVICE, emit_row
+from _benchlib import CUDA, DEVICE, emit_row, timing_threads
 
 
 def _sync():
@@ -60,18 +64,6 @@ def _cuda_peak_mib(fn) -> float:
     peak = torch.cuda.max_memory_allocated() - before
     del out
     return peak / 2**20
-
-
-class _OneThread:
-    """torch on one intra-op thread for the duration (restored after)."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
-        return False
 
 
 @pytest.fixture
@@ -100,38 +92,43 @@ def record(request, benchmark):
 @pytest.fixture
 def measure(benchmark, record):
     """``measure(fn, provider=..., group=..., shape=..., flops=None, bytes=None, baseline=False,
-    note=None, rounds=None, level="kernel", extra=None)`` times ``fn`` (no arguments) and
-    records the row; returns the median in ms."""
+    note=None, rounds=None, level="kernel", extra=None, paired=None, paired_rounds=None)`` times
+    ``fn`` (no arguments) and records the row; returns the median in ms. With ``paired`` (the
+    group baseline's callable), it also times ``paired_rounds`` alternating (baseline, fn)
+    pairs and records the median per-pair cost ratio as ``extra.paired.ratio``. ``context`` (a
+    factory of context managers, e.g. ``lambda: patch_model(model, ...)``) is entered once
+    around the row's timing, and around each row call of the pairs, outside the timed call."""
 
     def _measure(fn, *, provider, group, shape, flops=None, bytes=None, baseline=False, note=None, rounds=None,
-                 level="kernel", extra=None):
+                 level="kernel", extra=None, paired=None, paired_rounds=None, context=None):
         if level not in ("kernel", "model"):
             raise ValueError(f"level: expected 'kernel' or 'model', got {level!r}")
         times: list = []
 
-        if not CUDA:
-            # CPU: process CPU time on one thread, robust to other jobs on a shared machine.
-            def call():
+        def timed(f) -> float:
+            """One call of ``f`` in ms: process CPU time on CPU, CUDA events on a GPU."""
+            if not CUDA:
                 t0 = time.process_time()
-                out = fn()
-                times.append((time.process_time() - t0) * 1e3)
-                return out
-        elif level == "model":
+                f()
+                return (time.process_time() - t0) * 1e3
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            f()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        if not CUDA or level == "model":
             def call():
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-                return out
+                times.append(timed(fn))
         else:
             def call():
                 out = fn()
                 _sync()
                 return out
 
-        with (_OneThread() if not CUDA else _Null()):
+        ctx = context() if context is not None else contextlib.nullcontext()
+        with timing_threads(), ctx:  # e.g. the model patched once for the whole timing
             call()  # compile / autotune / warm caches outside the timing
             peak = _cuda_peak_mib(fn) if CUDA else None
             if rounds is None:
@@ -140,6 +137,26 @@ def measure(benchmark, record):
             benchmark.pedantic(call, rounds=rounds, warmup_rounds=1 if level == "kernel" else 0, iterations=1)
             if not times and (not CUDA or level == "model"):  # benchmarks disabled: one timed call
                 call()
+        if paired is not None:
+            # Alternate baseline and row calls: whatever else the machine does then weighs on
+            # both, and the median of the per-pair ratios is the cost ratio to quote.
+            def row():
+                if context is None:
+                    return timed(fn)
+                with context():  # entered and left outside the timed call
+                    return timed(fn)
+
+            with timing_threads():
+                timed(paired)
+                ratios = []
+                for i in range(paired_rounds or rounds):
+                    if i % 2:
+                        t_row, t_base = row(), timed(paired)
+                    else:
+                        t_base, t_row = timed(paired), row()
+                    ratios.append(t_row / t_base)
+            extra = dict(extra or {}, paired={"ratio": statistics.median(ratios), "pairs": len(ratios),
+                                              "ratios": [round(r, 4) for r in ratios]})
         if not CUDA:
             median_ms = statistics.median(times)
             timer = "process CPU time on one thread, median of calls"
@@ -159,14 +176,6 @@ def measure(benchmark, record):
         return median_ms
 
     return _measure
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def pytest_runtest_logreport(report):
