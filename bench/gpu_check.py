@@ -160,7 +160,8 @@ class Check:
         full_env["PYTHONUNBUFFERED"] = "1"
         if env:
             full_env.update(env)
-        self.write_log(log, f"\n[{prefix}] $ {' '.join(map(str, cmd))}   (limit {limit:.0f} s)\n")
+        shown = " ".join("<script>" if "\n" in str(c) else str(c) for c in cmd)
+        self.write_log(log, f"\n[{prefix}] $ {shown}   (limit {limit:.0f} s)\n")
         t = time.monotonic()
         try:
             proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
