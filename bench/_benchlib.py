@@ -129,17 +129,10 @@ def chat(processor, text: str) -> str:
     return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-def to_device(batch, model) -> dict:
-    dev = next(model.parameters()).device
-    dt = next(model.parameters()).dtype
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(dev)
-            if v.is_floating_point():
-                v = v.to(dt)
-        out[k] = v
-    return out
+def to_device(batch, model):
+    """A processor's ``BatchFeature`` on the model's device, floating tensors in its dtype."""
+    p = next(model.parameters())
+    return batch.to(device=p.device, dtype=p.dtype)
 
 
 def images(n: int, width: int = 336, height: int = 336, seed: int = 0) -> list:

@@ -326,33 +326,23 @@ def targets(rows: list[dict], skipped: list[dict], cpu_run: bool) -> list[dict]:
             pending.append(("model forward", _why_file(skipped, "test_model_forward")))
         out.extend(_collapse(text, pending))
 
-    # --- VGRefine and sweep
-    text = "VGRefine <= 1.25x plain generate (8 new tokens)"
-    rg = groups("refine ")
-    pending = []
-    for g in rg:
-        base, vr = _find(rows, g, "plain-generate"), _find(rows, g, "vgrefine")
-        if base and vr:
-            ratio, how = cost_ratio(vr, base)
-            E(text, g, ratio, "x", ratio <= 1.25, reason=how)
-        else:
-            pending.append((g, _why(skipped, "test_refine[", "vgrefine" if base else "plain-generate")))
-    if not rg:
-        pending.append(("refine", _why_file(skipped, "test_refine")))
-    out.extend(_collapse(text, pending))
-    text = "sweep >= 10x the output_attentions loop (samples/s)"
-    sg = groups("sweep ")
-    pending = []
-    for g in sg:
-        base, sw = _find(rows, g, "output_attentions-loop"), _find(rows, g, "sweep")
-        if base and sw:
-            ratio, how = cost_ratio(sw, base)
-            E(text, g, 1.0 / ratio, "x", 1.0 / ratio >= 10, reason=how)
-        else:
-            pending.append((g, _why(skipped, "test_sweep[", "sweep" if base else "output_attentions-loop")))
-    if not sg:
-        pending.append(("sweep", _why_file(skipped, "test_sweep")))
-    out.extend(_collapse(text, pending))
+    # --- VGRefine and sweep: a cost ratio against the group's baseline
+    for text, prefix, base_p, row_p, test, value, met in (
+            ("VGRefine <= 1.25x plain generate (8 new tokens)", "refine ", "plain-generate", "vgrefine",
+             "test_refine", lambda r: r, lambda v: v <= 1.25),
+            ("sweep >= 10x the output_attentions loop (samples/s)", "sweep ", "output_attentions-loop", "sweep",
+             "test_sweep", lambda r: 1.0 / r, lambda v: v >= 10)):
+        pending = []
+        for g in groups(prefix):
+            base, row = _find(rows, g, base_p), _find(rows, g, row_p)
+            if base and row:
+                ratio, how = cost_ratio(row, base)
+                E(text, g, value(ratio), "x", met(value(ratio)), reason=how)
+            else:
+                pending.append((g, _why(skipped, f"{test}[", row_p if base else base_p)))
+        if not groups(prefix):
+            pending.append((prefix.strip(), _why_file(skipped, test)))
+        out.extend(_collapse(text, pending))
     return out
 
 
