@@ -44,3 +44,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(TF4) build *.egg-info .pytest_cache .benchmarks
+
+# Everything a lent GPU should run, in at most 9 minutes, into at most 8 files in $(OUT)
+# (bench/gpu_check.py). Uses the machine's own python3 (its CUDA torch) when there is no
+# .venv; without a GPU every GPU stage is skipped with its reason.
+OUT ?= out/gpu-check
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+.PHONY: gpu-check
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py $(OUT)

@@ -60,6 +60,7 @@ def worker(provider: str, S: int, device: str) -> dict:
     import torch
 
     import vgkernels
+    from _benchlib import prompt_of_length
     from vgkernels.tiny import build_tiny, test_image
 
     torch.manual_seed(0)
@@ -67,14 +68,9 @@ def worker(provider: str, S: int, device: str) -> dict:
     model, proc = build_tiny("tiny-llava", attn_implementation=attn, max_position_embeddings=S + 64, **SIZES)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype)
-    head = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
-                                    add_generation_prompt=True)
-    n0 = proc(images=test_image(64, 64), text=head, return_tensors="pt")["input_ids"].shape[1]
-    filler = ("the quick brown fox jumps over the lazy dog " * (S // 40 + 2))[: S - n0]
-    text = head.replace("x ASSISTANT", filler + "x ASSISTANT")
-    inputs = proc(images=test_image(64, 64), text=text, return_tensors="pt").to(device)
+    image = test_image(64, 64)
+    inputs = proc(images=image, text=prompt_of_length(proc, S, image), return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    assert inputs["input_ids"].shape[1] == S, inputs["input_ids"].shape
     ids = inputs["input_ids"][0]
     img = torch.nonzero(ids == model.config.image_token_index).flatten()
     ks, N = int(img[0]), int(img.numel())
@@ -146,7 +142,7 @@ if pytest is not None:
 
     @pytest.mark.parametrize("S", SEQS)
     @pytest.mark.parametrize("provider", PROVIDERS)
-    def test_memory(benchmark, provider, S):
+    def test_memory(benchmark, record, provider, S):
         dev = _device()
         box = {}
         benchmark.pedantic(lambda: box.update(measure(provider, S, dev)), rounds=1, iterations=1)
@@ -158,7 +154,7 @@ if pytest is not None:
         note = f"peak {r['peak_mib']:.1f} MiB ({r['method']})"
         if base and provider != PROVIDERS[0]:
             note += f"; output_attentions / this = {base / max(r['peak_mib'], 1e-9):.1f}x"
-        benchmark.extra_info.update(
+        record(
             provider=provider, group=f"memory S={S}", shape=f"L=4 H=8 D=64 S={S} N={r['image_tokens']} B=1",
             baseline=provider == PROVIDERS[0], median_ms=benchmark.stats.stats.median * 1e3 if benchmark.stats else None,
             peak_mib=r["peak_mib"], note=note, timer="subprocess wall clock (not the point: see peak MiB)",

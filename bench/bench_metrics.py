@@ -12,13 +12,18 @@ head-mean variant; and long rows (N = 16384). Providers:
 
 GB/s counts the bytes a single pass must move: attn, the (broadcast) mask and
 reference once, and the three float32 outputs.
+
+``bandwidth`` — one large device copy (1 GiB on a GPU, 256 MiB on CPU, read + write
+counted): the device's memory bandwidth measured in this run, beside the same-size
+``copy`` of each metrics group (``bench/run.py`` states the metrics target against the
+same-size copy and reports the fraction of this one too).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from _benchlib import CUDA, DEVICE, INTERPRETER_SKIP, SMALL
+from _benchlib import CUDA, DEVICE, INTERPRETER_SKIP
 
 import vgkernels
 from vgkernels.reference import grounding_metrics_ref
@@ -27,7 +32,7 @@ CASES = {  # name: (attn shape, head_mean)
     "per-head 16x28x28 N576": ((16, 28, 28, 576), False),
     "per-layer head-mean 16x28x(28) N576": ((16, 28, 28, 576), True),
 }
-if not SMALL:
+if CUDA:  # long rows (the multi-tile path) on every GPU run
     CASES["per-head 512 N16384"] = ((16, 32, 16384), False)
 
 PROVIDERS = ["copy", "torch-fp32", "vgkernels-torch", "vgkernels-triton"]
@@ -81,3 +86,13 @@ def test_metrics(measure, case, provider):
     desc = f"{rows} maps -> {rows // shape[-2]} head-means, N{shape[-1]}" if head_mean else f"{rows} rows x N{shape[-1]}"
     measure(fn, provider=provider, group=f"metrics {case}", shape=desc, bytes=nbytes,
             baseline=provider == "torch-fp32", note="measured bandwidth" if provider == "copy" else None)
+
+
+BANDWIDTH_GROUP = "bandwidth (device copy)"
+
+
+def test_copy_bandwidth(measure):
+    nbytes = (1 << 30) if CUDA else (256 << 20)
+    buf = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).uniform_()
+    measure(buf.clone, provider="copy", group=BANDWIDTH_GROUP, shape=f"{nbytes >> 20} MiB float32",
+            bytes=2 * nbytes, baseline=True, note="read + write counted")
