@@ -31,9 +31,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Compiling for a target, or timing, needs Triton's real compiler, not its interpreter.
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    os.environ.pop("TRITON_INTERPRET")
+# Compiling for a target, or timing, needs Triton's real compiler, not its interpreter
+# (the variable is read when the kernels are imported, just below).
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
@@ -64,7 +65,7 @@ def parse_key(key: str):
     return kernel, arch, int(d[1:]), dt, feat == "ko"
 
 
-def build(p: dict, device: str):
+def build(p: dict, device):
     from vgkernels import Capture, Knockout
     from vgkernels._validate import check_attention
 
@@ -80,33 +81,49 @@ def build(p: dict, device: str):
         kpm[-1, : Sk // 10] = False
         kpm = kpm.to(device)
     if p["knockout"]:
-        ks = torch.full((B,), 35)
+        ks = torch.full((B,), min(35, Sk - N))
         keep = (torch.rand(B, N, generator=g) > 0.5).to(device)
         ko = Knockout(ks + N, torch.full((B,), Sk), ks, keep, "renorm")
         cap = Capture(torch.full((B,), Sk - 1), ks, N)
-    return check_attention(q, k, v, True, None, kpm, ko, cap)
+    return check_attention(q, k, v, True, None, kpm, ko, cap)  # validated once, outside the timing
 
 
 def tune(args) -> int:
-    import triton.testing
-    from vgkernels.triton import flash
-
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
-    arch = tiles.arch_class(dev)
     out_path = args.out or tiles.override_path(name)
-    result = {"format": 1, "device": name, "capability": list(torch.cuda.get_device_capability(dev)),
-              "arch": arch, "triton": _triton_version(), "torch": torch.__version__,
+    run_tuning(dev, name, tiles.arch_class(dev), out_path, only=args.only, max_seconds=args.max_seconds)
+    return 0
+
+
+def _do_bench(fn) -> float:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=50)
+
+
+def run_tuning(dev, name: str, arch: str, out_path: str, *, only=None, max_seconds=0.0, timer=_do_bench) -> dict:
+    """Time every tile of ``arch``'s table keys on ``dev`` with ``timer(fn) -> ms`` and write
+    the tile file the library reads (:func:`vgkernels.triton.tiles.read_override`)."""
+    import triton
+
+    from vgkernels.triton import flash
+
+    result = {"format": 1, "device": name, "arch": arch, "triton": triton.__version__, "torch": torch.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "tiles": {}, "timings": {}}
-    t_end = time.time() + args.max_seconds if args.max_seconds else None
-    for key in table_keys(arch, args.only):
+    if dev.type == "cuda":
+        result["capability"] = list(torch.cuda.get_device_capability(dev))
+    t_end = time.time() + max_seconds if max_seconds else None
+    for key in table_keys(arch, only):
         kernel, _, d, dtc, ko = parse_key(key)
         p = problem(kernel, d, dtc, ko)
-        a = build(p, "cuda")
+        a = build(p, dev)
         times = {}
         for tile in tiles.configs(kernel, arch, d, DTYPES[dtc], ko):
             if t_end is not None and time.time() > t_end:
-                print(f"time limit reached before {key} {tuple(tile)}; writing what was measured", flush=True)
+                print(f"time limit reached before {key} {_tile_str(tile)}; writing what was measured", flush=True)
                 break
 
             def call(tile=tile):
@@ -114,9 +131,7 @@ def tune(args) -> int:
                                 tile=tile)
 
             try:
-                call()
-                torch.cuda.synchronize()
-                ms = triton.testing.do_bench(call, warmup=10, rep=50)
+                ms = float(timer(call))
             except Exception as e:  # a tile that does not compile or launch here: recorded, not chosen
                 times[_tile_str(tile)] = f"failed: {type(e).__name__}: {str(e)[:200]}"
                 print(f"{key:34s} {_tile_str(tile):24s} failed: {type(e).__name__}", flush=True)
@@ -137,7 +152,7 @@ def tune(args) -> int:
         json.dump(result, f, indent=1)
     os.replace(tmp, out_path)
     print(f"wrote {len(result['tiles'])} tuned keys to {out_path}")
-    return 0
+    return result
 
 
 def dry_run(args) -> int:
@@ -261,12 +276,6 @@ def _tile_str(t) -> str:
 def _tile_of(s: str) -> tiles.Tile:
     m = re.fullmatch(r"(\d+)x(\d+)/w(\d+)/s(\d+)(/tma)?", s)
     return tiles.Tile(int(m[1]), int(m[2]), int(m[3]), int(m[4]), bool(m[5]))
-
-
-def _triton_version() -> str:
-    import triton
-
-    return triton.__version__
 
 
 def main(argv=None) -> int:

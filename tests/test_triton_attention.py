@@ -497,6 +497,34 @@ def test_tune_script_needs_a_gpu_or_dry_run():
     assert len(lines) == want and want > 0
 
 
+def test_tune_writes_the_file_the_library_reads(tmp_path, monkeypatch):
+    """bench/tune.py's output is what tiles.read_override takes: here on tiny shapes in the
+    interpreter, with a timer under which the last tile of each key is the fastest."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vg_tune", __file__.rsplit("/tests/", 1)[0] + "/bench/tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    monkeypatch.setattr(tune, "problem", lambda kernel, d, dtc, ko: dict(
+        B=1, Sq=20 if kernel == "attn" else 2, Sk=60, Hq=2, Hkv=1, D=d, dtype=dtc, knockout=ko, capture=ko,
+        padding=ko, N=8))
+    runs = []
+
+    def timer(fn):
+        fn()
+        runs.append(1)
+        return 1.0 / len(runs)
+
+    path = tmp_path / "tiles.json"
+    tune.run_tuning(torch.device("cpu"), "Test GPU", "sm90", str(path), only="d64/fp32", timer=timer)
+    got = tiles.read_override(str(path), "Test GPU")
+    keys = [k for k in tiles.all_keys(arch="sm90") if "d64/fp32" in k]
+    assert sorted(got) == sorted(keys) and len(runs) == sum(len(tiles.TABLE[k]) for k in keys)
+    for k in keys:
+        kernel, _, _, _, feat = k.split("/")
+        assert got[k] == tiles.configs(kernel, "sm90", 64, torch.float32, feat == "ko")[-1]
+
+
 # ----------------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu

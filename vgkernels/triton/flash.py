@@ -172,6 +172,40 @@ def _capture_row(
 
 
 @triton.jit
+def _ko_setup(KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, row_ok, HAS_KO: tl.constexpr):
+    """Knockout state of a program: ``(query_start, query_end, key_start, keep row pointer,
+    which rows are knocked, ko_lo, ko_hi)``; ``[ko_lo, ko_hi)`` is the span when a row of
+    the program is knocked, empty otherwise (the loop's block-uniform test)."""
+    if HAS_KO:
+        # Positions fit in int32 (validated < Sk); int32 keeps the key loops' arithmetic narrow.
+        qs = tl.load(KO_QS + b).to(tl.int32)
+        qe = tl.load(KO_QE + b).to(tl.int32)
+        ko_key_start = tl.load(KO_KS + b).to(tl.int32)
+        keep_base = KEEP + b64 * KO_N
+        row_knocked = (pos_m >= qs) & (pos_m < qe) & row_ok
+        affected = (tl.max(row_knocked.to(tl.int32), 0) > 0) & (KO_N > 0)
+        ko_lo = tl.where(affected, ko_key_start, 0)
+        ko_hi = tl.where(affected, ko_key_start + KO_N, 0)
+    else:
+        qs = 0
+        qe = 0
+        ko_key_start = 0
+        keep_base = KEEP
+        row_knocked = pos_m < 0
+        ko_lo = 0
+        ko_hi = 0
+    return qs, qe, ko_key_start, keep_base, row_knocked, ko_lo, ko_hi
+
+
+@triton.jit
+def _normalise(acc, l_i, m_i):
+    """``(out, lse₂)`` from the online-softmax state; a row with no key gives 0 and -inf."""
+    empty_row = l_i == 0.0
+    lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
+    return acc / tl.where(empty_row, 1.0, l_i)[:, None], lse2
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, QP, O, LSE, KPM, KO_QS, KO_QE, KO_KS, KEEP, CAP_ROW, CAP_KS, PROBS,
     qk_scale,
@@ -223,24 +257,8 @@ def _attn_fwd_kernel(
         hi = Sk
         full_end = (Sk // BLOCK_N) * BLOCK_N
 
-    if HAS_KO:
-        # Positions fit in int32 (validated < Sk); int32 keeps the key loops' arithmetic narrow.
-        qs = tl.load(KO_QS + b).to(tl.int32)
-        qe = tl.load(KO_QE + b).to(tl.int32)
-        ko_key_start = tl.load(KO_KS + b).to(tl.int32)
-        keep_base = KEEP + b64 * KO_N
-        block_affected = (q_lo < qe) & (qs < q_hi) & (KO_N > 0)
-        row_knocked = (pos_m >= qs) & (pos_m < qe)
-        ko_lo = tl.where(block_affected, ko_key_start, 0)
-        ko_hi = tl.where(block_affected, ko_key_start + KO_N, 0)
-    else:
-        qs = 0
-        qe = 0
-        ko_key_start = 0
-        keep_base = KEEP
-        row_knocked = offs_m < 0
-        ko_lo = 0
-        ko_hi = 0
+    qs, qe, ko_key_start, keep_base, row_knocked, ko_lo, ko_hi = _ko_setup(
+        KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, m_ok, HAS_KO)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -255,9 +273,7 @@ def _attn_fwd_kernel(
         KO_N, ko_lo, ko_hi, pos_m, row_knocked, offs_d, full_end, hi, Sk, qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM, HAS_KO, KO_ZERO, UPCAST, DOT_PREC, USE_TMA)
 
-    empty_row = l_i == 0.0
-    lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
-    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    out, lse2 = _normalise(acc, l_i, m_i)
     o_ptrs = O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     if NEED_LSE:
@@ -325,21 +341,8 @@ def _attn_split_kernel(
         # one past the position of the block's last real row
         end = tl.minimum(end, off + (tl.minimum((tl.program_id(2) + 1) * BLOCK_M, Sq * G) - 1) // G + 1)
 
-    if HAS_KO:
-        qs = tl.load(KO_QS + b).to(tl.int32)
-        qe = tl.load(KO_QE + b).to(tl.int32)
-        ko_key_start = tl.load(KO_KS + b).to(tl.int32)
-        keep_base = KEEP + b64 * KO_N
-        row_knocked = (pos_m >= qs) & (pos_m < qe) & r_ok
-        affected = (tl.max(row_knocked.to(tl.int32), 0) > 0) & (KO_N > 0)
-        ko_lo = tl.where(affected, ko_key_start, 0)
-        ko_hi = tl.where(affected, ko_key_start + KO_N, 0)
-    else:
-        ko_key_start = 0
-        keep_base = KEEP
-        row_knocked = offs_r < 0
-        ko_lo = 0
-        ko_hi = 0
+    _, _, ko_key_start, keep_base, row_knocked, ko_lo, ko_hi = _ko_setup(
+        KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, r_ok, HAS_KO)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -349,9 +352,7 @@ def _attn_split_kernel(
         KO_N, ko_lo, ko_hi, pos_m, row_knocked, offs_d, start, end, Sk, qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM, HAS_KO, KO_ZERO, UPCAST, DOT_PREC, USE_TMA)
 
-    empty_row = l_i == 0.0
-    lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
-    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    out, lse2 = _normalise(acc, l_i, m_i)
     row = ((split * B + b64) * Hq + h) * Sq + i  # (BLOCK_M,) int64 index of (split, b, h, i)
     tl.store(PO + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=r_ok[:, None])
     tl.store(PL + row, lse2, mask=r_ok)
@@ -391,9 +392,7 @@ def _attn_merge_kernel(
         den = den * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * po
         m = m_new
-    empty_row = den == 0.0
-    lse2 = tl.where(empty_row, float("-inf"), m + tl.math.log2(tl.where(empty_row, 1.0, den)))
-    out = acc / tl.where(empty_row, 1.0, den)[:, None]
+    out, lse2 = _normalise(acc, den, m)
     tl.store(O + b64 * stride_ob + h * stride_oh + offs_i[:, None] * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
     if NEED_LSE:
@@ -543,13 +542,10 @@ def run_attention(
             V=_descriptor(v, t.block_n, block_d) if use_tma else v, PO=po, PL=pl,
             B=B, Hkv=Hkv, keys_per_split=per, BLOCK_M=bm, BLOCK_N=t.block_n, USE_TMA=use_tma,
         )
-        if gpu:  # a 16-row tile (a decode step) is one warp group's work
+        if gpu:  # tiles of fewer than 64 rows (a decode step: 16) take at most 4 warps
             kw.update(num_warps=t.num_warps if bm >= 64 else min(4, t.num_warps), num_stages=t.num_stages)
         _attn_split_kernel[(n_splits, B * Hkv, row_blocks)](**kw)
-        mk = {n: common[n] for n in ("KPM", "KO_QS", "KO_QE", "KO_KS", "KEEP", "qk_scale", "stride_qb", "stride_qm",
-                                     "stride_qh", "stride_kb", "stride_kn", "stride_kh", "Sq", "Sk", "Hq", "G",
-                                     "KO_N", "HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_KPM", "HAS_KO")}
-        mk.update(cap)
+        mk = dict(common, **cap)
         mk.update(PO=po, PL=pl, O=out, LSE=lse if lse_store else dmy_f, Q=q, K=k,
                   stride_ob=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2),
                   B=B, n_splits=n_splits, BLOCK_SQ=_common.next_pow2(Sq),
