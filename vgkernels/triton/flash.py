@@ -172,18 +172,19 @@ def _capture_row(
 
 
 @triton.jit
-def _ko_setup(KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, row_ok, HAS_KO: tl.constexpr):
-    """Knockout state of a program: ``(query_start, query_end, key_start, keep row pointer,
-    which rows are knocked, ko_lo, ko_hi)``; ``[ko_lo, ko_hi)`` is the span when a row of
-    the program is knocked, empty otherwise (the loop's block-uniform test)."""
+def _ko_setup(KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, q_lo, q_hi, HAS_KO: tl.constexpr):
+    """Knockout state of a program whose rows sit at positions ``pos_m``, all in
+    ``[q_lo, q_hi)``: ``(query_start, query_end, key_start, keep row pointer, which rows are
+    knocked, ko_lo, ko_hi)``; ``[ko_lo, ko_hi)`` is the span when the band meets the rows,
+    empty otherwise (the loop's block-uniform test)."""
     if HAS_KO:
         # Positions fit in int32 (validated < Sk); int32 keeps the key loops' arithmetic narrow.
         qs = tl.load(KO_QS + b).to(tl.int32)
         qe = tl.load(KO_QE + b).to(tl.int32)
         ko_key_start = tl.load(KO_KS + b).to(tl.int32)
         keep_base = KEEP + b64 * KO_N
-        row_knocked = (pos_m >= qs) & (pos_m < qe) & row_ok
-        affected = (tl.max(row_knocked.to(tl.int32), 0) > 0) & (KO_N > 0)
+        row_knocked = (pos_m >= qs) & (pos_m < qe)
+        affected = (q_lo < qe) & (qs < q_hi) & (KO_N > 0)
         ko_lo = tl.where(affected, ko_key_start, 0)
         ko_hi = tl.where(affected, ko_key_start + KO_N, 0)
     else:
@@ -258,7 +259,7 @@ def _attn_fwd_kernel(
         full_end = (Sk // BLOCK_N) * BLOCK_N
 
     qs, qe, ko_key_start, keep_base, row_knocked, ko_lo, ko_hi = _ko_setup(
-        KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, m_ok, HAS_KO)
+        KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, q_lo, q_hi, HAS_KO)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -335,14 +336,16 @@ def _attn_split_kernel(
         v_base = V + b64 * stride_vb + hk * stride_vh
     kpm_base = KPM + b64 * Sk
 
+    # Positions of the block's first and one past its last real row.
+    q_lo = off + (tl.program_id(2) * BLOCK_M) // G
+    q_hi = off + (tl.minimum((tl.program_id(2) + 1) * BLOCK_M, Sq * G) - 1) // G + 1
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, Sk)
     if CAUSAL:
-        # one past the position of the block's last real row
-        end = tl.minimum(end, off + (tl.minimum((tl.program_id(2) + 1) * BLOCK_M, Sq * G) - 1) // G + 1)
+        end = tl.minimum(end, q_hi)
 
     _, _, ko_key_start, keep_base, row_knocked, ko_lo, ko_hi = _ko_setup(
-        KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, r_ok, HAS_KO)
+        KO_QS, KO_QE, KO_KS, KEEP, b, b64, KO_N, pos_m, q_lo, q_hi, HAS_KO)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -422,8 +425,10 @@ def _attn_merge_kernel(
 # --------------------------------------------------------------------------- host side
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
-    """Tensor descriptors need a 16-byte aligned base and 16-byte multiples for every stride
-    but the last (which is 1)."""
+    """Tensor descriptors need a TMA unit (sm_90 and later; the interpreter emulates them),
+    a 16-byte aligned base and 16-byte multiples for every stride but the last (which is 1)."""
+    if ts[0].device.type == "cuda" and tiles.arch_class(ts[0].device) != "sm90":
+        return False
     for t in ts:
         es = t.element_size()
         if t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]) or t.stride(-1) != 1:
