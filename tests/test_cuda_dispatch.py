@@ -66,3 +66,28 @@ def test_backend_module_import_error_is_an_import_error():
     else:
         with pytest.raises(ImportError, match="vgkernels._C"):
             importlib.import_module("vgkernels._cuda_backend")
+
+
+@pytest.mark.cuda_ext
+@pytest.mark.gpu
+def test_cuda_ops_fakes_agree_with_the_kernels():
+    """opcheck runs each extension op for real and through its fake (vgkernels._cuda_meta)."""
+    from vgkernels import _cuda_backend  # noqa: F401  (loads the extension and its fakes)
+
+    g = torch.Generator().manual_seed(0)
+    B, Sq, Sk, Hq, Hkv, D, N = 2, 3, 70, 4, 2, 64, 9
+    q = torch.randn(B, Sq, Hq, D, generator=g).cuda().half()
+    k = torch.randn(B, Sk, Hkv, D, generator=g).cuda().half()
+    idx = lambda *x: torch.tensor(x, device="cuda")  # noqa: E731
+    keep = (torch.rand(B, N, generator=g) > 0.5).cuda()
+    utils = ("test_schema", "test_faketensor")
+    ops = torch.ops.vgkernels
+    torch.library.opcheck(ops.decode_attention.default, (q, k, k, True, 0.125, None, idx(60, 60), idx(70, 70),
+                                                         idx(3, 4), keep, 1, idx(69, 68), idx(3, 4), N, 0),
+                          test_utils=utils)
+    torch.library.opcheck(ops.decode_attention.default, (q, k, k, True, 0.125, None, None, None, None, None, 0,
+                                                         None, None, 0, 0), test_utils=utils)
+    torch.library.opcheck(ops.capture_rows.default, (q[:, 0].contiguous(), k, torch.zeros(B, Hq, device="cuda"),
+                                                     idx(3, 4), N, 0.125, keep), test_utils=utils)
+    attn = torch.rand(3, 5, 40, device="cuda")
+    torch.library.opcheck(ops.metrics_rows.default, (attn, attn > 0.5, None, 1e-12), test_utils=utils)

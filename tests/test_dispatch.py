@@ -31,6 +31,7 @@ def test_cuda_backend_without_extension_says_how_to_build(monkeypatch):
     # Hide the extension whether or not this machine built it.
     monkeypatch.setitem(sys.modules, "vgkernels._C", None)
     monkeypatch.delitem(sys.modules, "vgkernels._cuda_backend", raising=False)
+    monkeypatch.setattr(_dispatch, "_LOADED", {})
     q = torch.randn(1, 2, 2, 16)
     with pytest.raises(RuntimeError, match=r"backend='cuda' needs the compiled extension vgkernels._C.*pip install"):
         vg.attention(q, q, q, backend="cuda")

@@ -4,18 +4,24 @@ On CPU-only machines the kernel runs in Triton's interpreter (conftest sets
 ``TRITON_INTERPRET=1``), where tiles are 16×16 so that every case crosses several block
 edges; tests marked ``gpu`` (bfloat16, long sequences, large batches) run where CUDA is.
 Every output buffer starts as NaN (POISON), so an element the kernel does not write fails.
+
+Calls with ``Sq <= 16`` take the split-KV kernels (packed GQA rows, key splits merged by
+log-sum-exp); longer query blocks the fused forward. Every tile of the static table runs
+here once (forced, small shapes; the TMA variants through the interpreter's tensor
+descriptors) and, on a GPU, on every key of that GPU's architecture.
 """
 import math
 
 import pytest
 import torch
+import triton
 
 import vgkernels
 from vgkernels._validate import check_attention
 from vgkernels import Capture, Knockout
 from vgkernels import reference as ref_mod
 from vgkernels.triton import _common
-from vgkernels.triton import flash
+from vgkernels.triton import flash, tiles
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -256,7 +262,7 @@ def test_tile_shapes_and_block_aligned_spans(gen, blocks):
     q, k, v = rand_qkv(gen, B, Sq, Sk, Hq, Hkv, D, torch.float32)
     ko = make_knockout(gen, B, Sk, 32, "zero", "random", [32, 17], ([46, 50], [96, 90]))
     cap = Capture(torch.tensor([95, 60]), torch.tensor([32, 17]), 32)
-    res = run_triton(q, k, v, True, knockout=ko, capture=cap, block_m=blocks[0], block_n=blocks[1])
+    res = run_triton(q, k, v, True, knockout=ko, capture=cap, tile=tiles.Tile(*blocks))
     check(res, golden(q, k, v, knockout=ko, capture=cap), torch.float32, probs_expected=True)
 
 
@@ -324,6 +330,201 @@ def test_public_api_reaches_the_kernels_for_triton_and_auto(gen, monkeypatch):
     assert len(calls) == len(backends)
 
 
+# ------------------------------------------------------------------- short queries: split-KV
+
+# (B, Sq, Sk, Hq, Hkv, D): decode rows, GQA 1/4/7, several packed row blocks (Sq·G > 16)
+SPLIT_SHAPES = [
+    (1, 1, 1, 1, 1, 64),
+    (3, 1, 77, 28, 4, 64),  # 7B decode: G = 7 rows per K/V head
+    (2, 5, 61, 8, 2, 80),  # 20 packed rows: two row blocks of 16
+    (1, 16, 16, 4, 4, 128),  # Sq = Sk at the limit of the short-query path
+]
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 100])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_split_kv_plain(gen, shape, num_splits):
+    B, Sq, Sk, Hq, Hkv, D = shape
+    q, k, v = rand_qkv(gen, B, Sq, Sk, Hq, Hkv, D, torch.float32)
+    check(run_triton(q, k, v, True, num_splits=num_splits), golden(q, k, v), torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["renorm", "zero"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_split_kv_knockout_capture_padding(gen, mode, causal, num_splits):
+    # Sample 0: decode-like rows partly inside the knockout band, a hole in the span;
+    # sample 1: left padding over the first keys and the captured row knocked out;
+    # sample 2: every key padded (empty rows: zeros, lse = -inf, capture all zero).
+    B, Sq, Sk, Hq, Hkv, D, N = 3, 6, 75, 7, 1, 64, 21
+    q, k, v = rand_qkv(gen, B, Sq, Sk, Hq, Hkv, D, torch.float16)
+    kpm = torch.ones(B, Sk, dtype=torch.bool)
+    kpm[0, 30] = False
+    kpm[1, :12] = False
+    kpm[2] = False
+    kpm = kpm.to(DEV)
+    ko = make_knockout(gen, B, Sk, N, mode, "random", [20, 5, 40], ([71, 0, 69], [73, 75, 75]))
+    cap = Capture(torch.tensor([72, 74, 70]), torch.tensor([20, 0, 54]), N)
+    res = run_triton(q, k, v, causal, kpm=kpm, knockout=ko, capture=cap, num_splits=num_splits)
+    check(res, golden(q, k, v, causal=causal, kpm=kpm, knockout=ko, capture=cap), torch.float16,
+          probs_expected=True)
+    assert torch.isneginf(res[1][2]).all() and (res[0][2] == 0).all() and (res[2][2] == 0).all()
+
+
+def test_split_kv_all_keys_knocked_and_capture_past_the_row(gen):
+    # renorm with every key of the band knocked: the split partials are all empty and the
+    # merge must still give zeros and -inf; the capture span runs past the row (causal 0).
+    B, Sq, Sk, Hq, Hkv, D = 1, 3, 9, 4, 2, 64
+    q, k, v = rand_qkv(gen, B, Sq, Sk, Hq, Hkv, D, torch.float32)
+    ko = Knockout(torch.tensor([6]), torch.tensor([8]), torch.tensor([0]), torch.zeros(1, 9, dtype=torch.bool), "renorm")
+    cap = Capture(torch.tensor([6]), torch.tensor([2]), 7)
+    res = run_triton(q, k, v, True, knockout=ko, capture=cap, num_splits=3)
+    check(res, golden(q, k, v, knockout=ko, capture=cap), torch.float32, probs_expected=True)
+    assert torch.isneginf(res[1][0, :, :2]).all() and (res[2] == 0).all()
+
+
+def test_short_queries_take_the_split_kernel(gen, monkeypatch):
+    launched = []
+    for name in ("_attn_fwd_kernel", "_attn_split_kernel"):
+        real = getattr(flash, name)
+        monkeypatch.setattr(flash, name, _Spy(real, name, launched))
+    q, k, v = rand_qkv(gen, 1, tiles.SHORT_QUERY_MAX, 40, 2, 1, 64, torch.float32)
+    check(run_triton(q, k, v), golden(q, k, v), torch.float32)
+    q2 = torch.cat([q, q[:, :1]], dim=1)
+    check(run_triton(q2, k, v), golden(q2, k, v), torch.float32)
+    assert launched == ["_attn_split_kernel", "_attn_fwd_kernel"]
+
+
+class _Spy:
+    def __init__(self, real, name, log):
+        self.real, self.name, self.log = real, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.real[grid]
+
+
+# --------------------------------------------------------------------- the tile table
+
+def _distinct_tiles(kernel):
+    """Every (block_m, block_n, tma) the table holds for ``kernel``, over all keys."""
+    out = set()
+    for key in tiles.all_keys(kernel):
+        for t in tiles.TABLE[key]:
+            t = tiles.Tile(*t)
+            out.add((t.block_m, t.block_n, t.tma))
+    return sorted(out)
+
+
+def test_table_is_complete_and_valid():
+    for kernel in tiles.KERNELS:
+        for arch in tiles.ARCHS:
+            for d in (64, 80, 96, 128, 256):
+                for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    for ko in (False, True):
+                        cfgs = tiles.configs(kernel, arch, d, dtype, ko)
+                        assert cfgs, (kernel, arch, d, dtype, ko)
+                        for t in cfgs:
+                            assert t.block_m >= 16 and t.block_n >= 16 and t.num_warps in (2, 4, 8, 16)
+                            assert not (t.tma and arch != "sm90"), (kernel, arch, t)
+                            assert triton.next_power_of_2(t.block_m) == t.block_m
+
+
+@pytest.mark.parametrize("blocks", _distinct_tiles("attn"), ids=lambda b: "x".join(map(str, b)))
+def test_every_table_tile_of_the_fused_kernel(gen, blocks):
+    bm, bn, tma = blocks
+    B, Sq, Sk, Hq, Hkv, D, N = 1, bm + 9, bm + 40, 2, 1, 64, bn + 5
+    q, k, v = rand_qkv(gen, B, Sq, Sk, Hq, Hkv, D, torch.float32)
+    kpm = torch.ones(B, Sk, dtype=torch.bool, device=DEV)
+    kpm[0, :3] = False
+    ko = make_knockout(gen, B, Sk, N, "zero", "random", [7], ([7 + N], [Sk]))
+    cap = Capture(torch.tensor([Sk - 1]), torch.tensor([7]), N)
+    with tiles.forced(tiles.Tile(bm, bn, 4, 2, tma), "attn"):
+        res = run_triton(q, k, v, True, kpm=kpm, knockout=ko, capture=cap)
+    check(res, golden(q, k, v, kpm=kpm, knockout=ko, capture=cap), torch.float32, probs_expected=True)
+
+
+@pytest.mark.parametrize("blocks", _distinct_tiles("attn_split"), ids=lambda b: "x".join(map(str, b)))
+def test_every_table_tile_of_the_split_kernel(gen, blocks):
+    bm, bn, tma = blocks
+    B, Sq, Sk, Hq, Hkv, D, N = 1, 13, 2 * bn + 30, 8, 2, 64, bn + 3  # 52 packed rows
+    q, k, v = rand_qkv(gen, B, Sq, Sk, Hq, Hkv, D, torch.float32)
+    ko = make_knockout(gen, B, Sk, N, "renorm", "random", [4], ([Sk - 5], [Sk]))
+    cap = Capture(torch.tensor([Sk - 1]), torch.tensor([4]), N)
+    with tiles.forced(tiles.Tile(bm, bn, 4, 2, tma), "attn_split"):
+        res = run_triton(q, k, v, True, knockout=ko, capture=cap)
+    check(res, golden(q, k, v, knockout=ko, capture=cap), torch.float32, probs_expected=True)
+
+
+def test_forced_tile_is_restored_and_tuned_file_is_read(tmp_path, monkeypatch):
+    import json
+    import warnings
+
+    t = tiles.Tile(32, 16, 4, 2)
+    with tiles.forced(t, "attn"):
+        assert tiles.lookup("attn", "cuda", 128, torch.bfloat16, True) == t
+        assert tiles.lookup("attn_split", "cpu", 128, torch.bfloat16, True) == tiles.INTERPRETER_TILE
+    assert tiles.lookup("attn", "cpu", 128, torch.bfloat16, True) == tiles.INTERPRETER_TILE
+    path = tmp_path / "tiles.json"
+    key = tiles.key("attn", "sm90", 128, torch.bfloat16, True)
+    path.write_text(json.dumps({"device": "NVIDIA H200", "triton": triton.__version__,
+                                "tiles": {key: [64, 64, 4, 3, True]}}))
+    assert tiles.read_override(str(path), "NVIDIA H200") == {key: tiles.Tile(64, 64, 4, 3, True)}
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert tiles.read_override(str(path), "NVIDIA A100-SXM4-80GB") == {}
+    assert any("written for 'NVIDIA H200'" in str(x.message) for x in w)
+    monkeypatch.setenv("VGKERNELS_TILES", str(path))
+    assert tiles.override_path("NVIDIA H200") == str(path)
+    monkeypatch.delenv("VGKERNELS_TILES")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert tiles.override_path("NVIDIA H200") == str(tmp_path / "vgkernels" / "tiles-nvidia-h200.json")
+
+
+def test_tune_script_needs_a_gpu_or_dry_run():
+    import subprocess
+    import sys
+
+    root = __file__.rsplit("/tests/", 1)[0]
+    r = subprocess.run([sys.executable, f"{root}/bench/tune.py"], capture_output=True, text=True,
+                       env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""}, timeout=300)
+    assert r.returncode == 2 and "CUDA GPU" in r.stderr and "--dry-run" in r.stderr, (r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, f"{root}/bench/tune.py", "--dry-run", "--only", "d128/16bit/ko"],
+                       capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.startswith("attn")]
+    want = sum(len(tiles.TABLE[k]) for k in tiles.TABLE if "d128/16bit/ko" in k)
+    assert len(lines) == want and want > 0
+
+
+def test_tune_writes_the_file_the_library_reads(tmp_path, monkeypatch):
+    """bench/tune.py's output is what tiles.read_override takes: here on tiny shapes in the
+    interpreter, with a timer under which the last tile of each key is the fastest."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vg_tune", __file__.rsplit("/tests/", 1)[0] + "/bench/tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    monkeypatch.setattr(tune, "problem", lambda kernel, d, dtc, ko: dict(
+        B=1, Sq=20 if kernel == "attn" else 2, Sk=60, Hq=2, Hkv=1, D=d, dtype=dtc, knockout=ko, capture=ko,
+        padding=ko, N=8))
+    runs = []
+
+    def timer(fn):
+        fn()
+        runs.append(1)
+        return 1.0 / len(runs)
+
+    path = tmp_path / "tiles.json"
+    tune.run_tuning(torch.device("cpu"), "Test GPU", "sm90", str(path), only="d64/fp32", timer=timer)
+    got = tiles.read_override(str(path), "Test GPU")
+    keys = [k for k in tiles.all_keys(arch="sm90") if "d64/fp32" in k]
+    assert sorted(got) == sorted(keys) and len(runs) == sum(len(tiles.TABLE[k]) for k in keys)
+    for k in keys:
+        kernel, _, _, _, feat = k.split("/")
+        assert got[k] == tiles.configs(kernel, "sm90", 64, torch.float32, feat == "ko")[-1]
+
+
 # ----------------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
@@ -379,3 +580,36 @@ def test_gpu_decode_rows_and_sq_less_than_sk(gen):
         cap = Capture(torch.tensor([3999] * 4), torch.tensor([35] * 4), 576)
         res = run_triton(q, k, v, True, knockout=ko, capture=cap)
         _reference_check(res, q, k, v, torch.bfloat16, knockout=ko, capture=cap)
+
+
+def _gpu_table_cases():
+    """(key, tile) for every entry of this GPU's architecture; empty without a GPU."""
+    if not torch.cuda.is_available():
+        return [pytest.param(None, None, id="no-gpu")]
+    arch = tiles.arch_class(torch.device("cuda"))
+    return [pytest.param(k, tiles.Tile(*t), id=f"{k}-{'x'.join(map(str, t))}")
+            for k in tiles.all_keys(arch=arch) for t in tiles.TABLE[k]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key,tile", _gpu_table_cases())
+def test_gpu_every_table_tile(gen, key, tile):
+    """Each tile of this GPU's table, forced, on a shape that crosses its block edges."""
+    kernel, _, d, dtc, feat = key.split("/")
+    D = {"d64": 64, "d128": 128, "d256": 256}[d]
+    dtype = torch.bfloat16 if dtc == "16bit" else torch.float32
+    if kernel == "attn":
+        B, Sq, Sk, Hq, Hkv = 2, 2 * tile.block_m + 37, 2 * tile.block_m + 300, 4, 2
+    else:
+        B, Sq, Sk, Hq, Hkv = 3, 9, 8 * tile.block_n + 77, 28, 4  # 63 packed rows per K/V head
+    N = 200
+    q, k, v = rand_qkv(gen, B, Sq, Sk, Hq, Hkv, D, dtype)
+    kpm = torch.ones(B, Sk, dtype=torch.bool, device=DEV)
+    kpm[-1, :20] = False
+    ko = cap = None
+    if feat == "ko":
+        ko = make_knockout(gen, B, Sk, N, "zero", "random", [30] * B, ([Sk - Sq + 3] * B, [Sk] * B))
+        cap = Capture(torch.tensor([Sk - 1] * B), torch.tensor([30] * B), N)
+    with tiles.forced(tile, kernel):
+        res = run_triton(q, k, v, True, kpm=kpm, knockout=ko, capture=cap)
+    check(res, golden(q, k, v, kpm=kpm, knockout=ko, capture=cap), dtype, probs_expected=cap is not None)

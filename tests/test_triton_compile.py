@@ -1,11 +1,15 @@
-"""The kernels compile for real GPUs (sm_80, sm_90) on a machine without one.
+"""The kernels compile for real GPUs (sm_80, sm_90) on a machine without one, and stay out
+of local memory.
 
 The interpreter runs the kernels' Python, not Triton's compiler: a construct the compiler
 rejects (a dot shape below the MMA minimum, a type mismatch between the branches of a
-runtime ``if``, a loop-carried value changing dtype) would pass every interpreter test and
-fail on the first GPU. Triton's wheel ships ``ptxas``, so this test compiles each kernel
-ahead of time to a cubin for an A100 and an H100 target, in a subprocess where the
-interpreter is off (``triton.jit`` returns interpreter objects once it is on).
+runtime ``if``, a loop-carried value changing dtype, a pass that asserts on a reduction
+pattern) would pass every interpreter test and fail on the first GPU. Triton's wheel ships
+``ptxas``, so this test compiles each kernel ahead of time to a cubin for an A100 and an
+H100 target, in subprocesses where the interpreter is off (``triton.jit`` returns
+interpreter objects once it is on), and reads registers, spills and shared memory from
+ptxas (:mod:`vgkernels.triton._compile`). On sm_90 the fused and split kernels also
+compile with tensor descriptors (TMA).
 """
 import json
 import os
@@ -15,65 +19,68 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-# (dtype, head dim, (CAUSAL, HAS_KPM, HAS_KO, KO_ZERO, HAS_CAP), (BLOCK_M, BLOCK_N, warps, stages))
-ATTN_CASES = [
-    ("bf16", 128, (True, True, True, False, True), (128, 64, 8, 3)),
-    ("fp16", 80, (False, True, True, True, True), (64, 32, 4, 4)),
-    ("fp16", 256, (True, False, False, False, False), (32, 32, 4, 2)),
-    ("bf16", 64, (True, False, True, True, True), (16, 64, 4, 3)),  # decode-sized query tile
-]
-ARCHS = [80, 90]
+ROOT = os.path.dirname(HERE)
+SMEM = {80: 164 * 1024, 90: 227 * 1024}
 
 
-def _compile_all() -> dict:
-    """Runs in the subprocess: compile every case, return {case: shared memory bytes}."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _cases(arch: int) -> list:
+    """(name, kind, args, must_not_spill) for one architecture."""
+    from vgkernels.triton import tiles
 
-    from vgkernels.triton import capture, flash, metrics
+    cls = f"sm{arch}"
+    out = []
+    for kernel in ("attn", "attn_split"):
+        for ko in (True, False):
+            default = tiles.Tile(*tiles.TABLE[f"{kernel}/{cls}/d128/16bit/{'ko' if ko else 'plain'}"][0])
+            out.append((f"{kernel}-d128-bf16-{'ko' if ko else 'plain'}-default", "attn",
+                        dict(kernel=kernel, D=128, dtype="bf16", knockout=ko, tile=list(default)), True))
+        if arch == 90:  # the TMA path, whatever the table's default is
+            t = tiles.Tile(*tiles.TABLE[f"{kernel}/{cls}/d128/16bit/ko"][0])._replace(tma=True)
+            out.append((f"{kernel}-d128-bf16-ko-tma", "attn",
+                        dict(kernel=kernel, D=128, dtype="bf16", knockout=True, tile=list(t)), False))
+        d256 = tiles.Tile(*tiles.TABLE[f"{kernel}/{cls}/d256/16bit/ko"][0])
+        out.append((f"{kernel}-d256-fp16-ko-default", "attn",
+                    dict(kernel=kernel, D=256, dtype="fp16", knockout=True, tile=list(d256)), True))
+    out += [
+        ("attn-d80-fp16-zero", "attn", dict(kernel="attn", D=80, dtype="fp16", knockout=True, zero=True,
+                                           tile=[64, 32, 4, 4, False]), False),
+        ("attn-d64-fp32-ko", "attn", dict(kernel="attn", D=64, dtype="fp32", knockout=True,
+                                         tile=list(tiles.TABLE[f"attn/{cls}/d64/fp32/ko"][0])), False),
+        ("merge-d128", "merge", dict(D=128, dtype="bf16"), True),
+        ("merge-d256", "merge", dict(D=256, dtype="fp16"), True),
+        ("capture-d128", "capture", dict(D=128), True),
+        ("capture-d256", "capture", dict(D=256), True),
+        ("metrics-single-4096", "metrics", dict(single=True, block_n=4096, head_mean=False), True),
+        ("metrics-loop-2048", "metrics", dict(single=False, block_n=2048, head_mean=False), True),
+        ("metrics-loop-2048-headmean", "metrics", dict(single=False, block_n=2048, head_mean=True), True),
+    ]
+    return out
 
-    def source(fn, ptrs, consts, floats=()):
-        sig = {}
-        for name in fn.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ptrs:
-                sig[name] = ptrs[name]
-            elif name in floats:
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-        # What the launcher would specialise on aligned tensors and strides.
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
-                 if n in ptrs or n.startswith("stride_")}
-        return ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+
+def _compile_arch(arch: int) -> dict:
+    """Runs in a subprocess: compile every case for ``arch``, return {name: statistics}."""
+    from vgkernels.triton import capture, metrics
+    from vgkernels.triton._compile import attention_stats, compile_stats, merge_stats
 
     done = {}
-    for arch in ARCHS:
-        target = GPUTarget("cuda", arch, 32)
-        for dt, D, (causal, kpm, ko, zero, cap), (bm, bn, w, st) in ATTN_CASES:
-            ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "O": f"*{dt}", "LSE": "*fp32", "KPM": "*u8",
-                    "KO_QS": "*i64", "KO_QE": "*i64", "KO_KS": "*i64", "KEEP": "*u8", "CAP_ROW": "*i64",
-                    "CAP_KS": "*i64", "PROBS": "*fp32"}
-            consts = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=bm, BLOCK_N=bn,
-                          CAUSAL=causal, HAS_KPM=kpm, HAS_KO=ko, KO_ZERO=zero, HAS_CAP=cap, NEED_LSE=True,
-                          UPCAST=False, DOT_PREC="tf32")
-            k = triton.compile(source(flash._attn_fwd_kernel, ptrs, consts, ("qk_scale",)), target=target,
-                               options={"num_warps": w, "num_stages": st})
-            done[f"attn-sm{arch}-{dt}-D{D}-{bm}x{bn}"] = k.metadata.shared
-        ptrs = {"QROW": "*bf16", "K": "*bf16", "LSE": "*fp32", "KS": "*i64", "KEEP": "*u8", "PROBS": "*fp32"}
-        consts = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=128, HAS_KEEP=True)
-        k = triton.compile(source(capture._capture_from_lse_kernel, ptrs, consts, ("qk_scale",)), target=target,
-                           options={"num_warps": 4})
-        done[f"capture-sm{arch}"] = k.metadata.shared
-        for single, head_mean in ((True, False), (False, True)):
+    for name, kind, a, _ in _cases(arch):
+        if kind == "attn":
+            s = attention_stats(a["kernel"], arch, a["D"], a["dtype"], a["knockout"], tuple(a["tile"]),
+                                zero=a.get("zero", False))
+        elif kind == "merge":
+            s = merge_stats(arch, a["D"], a["dtype"])
+        elif kind == "capture":
+            ptrs = {"QROW": "*bf16", "K": "*bf16", "LSE": "*fp32", "KS": "*i64", "KEEP": "*u8", "PROBS": "*fp32"}
+            consts = dict(HEAD_DIM=a["D"], BLOCK_D=a["D"], BLOCK_N=min(128, 8192 // a["D"]), HAS_KEEP=True)
+            s = compile_stats(capture._capture_from_lse_kernel, ptrs, consts, arch=arch, num_warps=4,
+                              floats=("qk_scale",))
+        else:
             ptrs = {"A": "*fp32", "M": "*u8", "R": "*fp32", "AR": "*fp32", "KL": "*fp32", "JS": "*fp32"}
-            consts = dict(HAS_REF=True, HEAD_MEAN=head_mean, SINGLE=single, BLOCK_R=4, BLOCK_N=1024)
-            k = triton.compile(source(metrics._metrics_kernel, ptrs, consts, ("inv_h", "eps")), target=target,
-                               options={"num_warps": 8})
-            done[f"metrics-sm{arch}-single{single}-headmean{head_mean}"] = k.metadata.shared
+            consts = dict(HAS_REF=True, HEAD_MEAN=a["head_mean"], SINGLE=a["single"], BLOCK_R=1,
+                          BLOCK_N=a["block_n"])
+            s = compile_stats(metrics._metrics_kernel, ptrs, consts, arch=arch, num_warps=8,
+                              floats=("inv_h", "eps"))
+        done[name] = s
     return done
 
 
@@ -81,16 +88,23 @@ def _compile_all() -> dict:
 def test_kernels_compile_for_sm80_and_sm90():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"compilation failed:\n{proc.stderr[-4000:]}"
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = len(ARCHS) * (len(ATTN_CASES) + 3)
-    assert len(done) == expected, done
-    # Every tile fits in an H100's / A100's shared memory (228 / 164 KiB per block).
-    for name, smem in done.items():
-        assert 0 <= smem <= (164 if "sm80" in name else 228) * 1024, (name, smem)
+    procs = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for arch in (80, 90)}
+    sys.path.insert(0, ROOT)
+    for arch, proc in procs.items():
+        out, err = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, f"sm_{arch} compilation failed:\n{err[-4000:]}"
+        done = json.loads(out.strip().splitlines()[-1])
+        print(f"sm_{arch}:", json.dumps(done, indent=1))
+        cases = {name: strict for name, _, _, strict in _cases(arch)}
+        assert set(done) == set(cases)
+        for name, s in done.items():
+            # Every tile fits in an A100's / H100's shared memory per block.
+            assert 0 <= s["shared"] <= SMEM[arch], (arch, name, s)
+            if cases[name]:
+                assert s["spill_stores"] == 0 and s["spill_loads"] == 0, (arch, name, s)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(HERE))
-    print(json.dumps(_compile_all()))
+    sys.path.insert(0, ROOT)
+    print(json.dumps(_compile_arch(int(sys.argv[1]))))

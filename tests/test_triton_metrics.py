@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 import vgkernels
 from vgkernels.reference import grounding_metrics_ref
@@ -84,6 +85,34 @@ def test_rows_match_golden(gen, N, dtype):
         mask[2, 3, 0] = True  # a single cell
     got = met.grounding_metrics(attn, mask, None, 1e-12)
     assert_metrics(got, golden(attn, mask))
+
+
+@pytest.mark.parametrize("N", [1, 7, 577, 4096, 4097, 16384])
+def test_single_tile_up_to_4096_columns_then_column_loop(gen, N):
+    """The default tiling: one register tile up to 4096 columns, a loop over 2048-column
+    tiles beyond (a single tile of 16384 columns spilled ~2 KB per thread on sm_90)."""
+    attn = peaky(gen, (2, 3, N)).to(DEV)
+    mask = (torch.rand(2, 1, N, generator=gen) < 0.2).to(DEV)
+    mask[:, :, N // 2] = True
+    ref = (torch.rand(1, 3, N, generator=gen) + 0.05).to(DEV)
+    attn[1, 2] = 0  # Σa = 0 -> NaN
+    launches = []
+    real = met._metrics_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                launches.append((kw["SINGLE"], kw["BLOCK_N"]))
+                return real[grid](*a, **kw)
+            return run
+
+    met._metrics_kernel = Spy()
+    try:
+        got = met.grounding_metrics(attn, mask, ref, 1e-12)
+    finally:
+        met._metrics_kernel = real
+    assert launches == [(N <= 4096, max(16, triton.next_power_of_2(N)) if N <= 4096 else 2048)]
+    assert_metrics(got, golden(attn, mask, ref))
 
 
 @pytest.mark.parametrize("block_n", [16, 64])

@@ -30,6 +30,10 @@ kernels are used only when ``backend="cuda"`` is asked for explicitly. The rule 
 only if ``bench/bench_cuda.py`` shows the CUDA kernel ahead of Triton for a shape class on
 the GPUs we support; no such measurement exists yet.
 
+The functions below never synchronise with the host (the operators read no values
+back), and the operators have fake implementations (:mod:`vgkernels._cuda_meta`), so a
+``torch.compile`` graph can hold them.
+
 Layout requirements: all tensors on one CUDA device; ``q``, ``k``, ``v`` with a
 contiguous last dim. The kernels read 16-byte rows, so a tensor whose data pointer or
 strides are not multiples of 16 bytes is copied with ``.contiguous()`` first (correct,
@@ -46,7 +50,11 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError(f"the CUDA extension vgkernels._C is not built or cannot be loaded: {e}") from e
 
+from . import _cuda_meta
 from ._types import Capture, GroundingMetrics, Knockout
+
+# Fake (meta) implementations, so that torch.compile can trace graphs calling these ops.
+_cuda_meta.register("vgkernels")
 
 MAX_QUERY_ROWS = 128
 HEAD_DIMS = (64, 80, 96, 128)

@@ -9,8 +9,13 @@ arguments (the signatures of :mod:`vgkernels.reference`, without the ``_ref``):
 - ``grounding_metrics(attn, mask, reference, eps) -> GroundingMetrics``
 
 ``"auto"`` is Triton for CUDA tensors, Triton on the CPU when the Triton interpreter is
-switched on (``TRITON_INTERPRET=1``), and the torch reference otherwise. A backend that
-cannot run raises; nothing ever falls back silently to another one.
+switched on (``TRITON_INTERPRET=1``), and the torch reference otherwise. Short-query calls
+(``Sq <= 16``: decode steps, capture rows) stay on Triton, whose split-KV kernel handles
+them; ``"auto"`` never picks the CUDA extension. A backend that cannot run raises;
+nothing ever falls back silently to another one.
+
+Backend functions receive validated arguments and never synchronise with the host: the
+model patch validates once per prefill and calls them per layer.
 """
 from __future__ import annotations
 
@@ -52,6 +57,22 @@ def get(backend: str, device: torch.device, op: str) -> ModuleType:
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before vgkernels.triton is "
             f"imported to run the kernels on the CPU; got tensors on {device}"
         )
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _load(name)
+    fn = getattr(mod, op, None)
+    if fn is None:
+        raise NotImplementedError(f"backend={name!r} does not implement {op!r}")
+    return mod
+
+
+_LOADED: dict = {}
+
+
+def _load(name: str) -> ModuleType:
+    """Import a backend once (later calls find it in ``_LOADED``, which ``torch.compile``
+    can trace; an import inside a traced function cannot be: call a backend once before
+    compiling a function with ``fullgraph=True``)."""
     try:
         mod = importlib.import_module(_MODULES[name])
     except ImportError as e:
@@ -62,7 +83,5 @@ def get(backend: str, device: torch.device, op: str) -> ModuleType:
                 "`pip install -e . --no-build-isolation` (VGKERNELS_CUDA_ARCHS='80;90' picks the GPUs)."
             ) from e
         raise NotImplementedError(f"backend={name!r} is not available: {e}") from e
-    fn = getattr(mod, op, None)
-    if fn is None:
-        raise NotImplementedError(f"backend={name!r} does not implement {op!r}")
+    _LOADED[name] = mod
     return mod

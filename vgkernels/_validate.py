@@ -5,9 +5,14 @@ Each public entry point calls one function here first. It raises ``ValueError`` 
 expected, and returns the arguments normalised (int64 vectors on the right device,
 a float scale), so that backends never re-check and never see a surprise.
 
-Range checks on index vectors read them back to the host: one small synchronisation
-per call, which we accept so that an out-of-range span is an error, not a silent
-read of somebody else's tokens.
+Range checks on index vectors need their values on the host. Every vector a call
+checks is read back in one transfer (:func:`_read_once`): at most one device-to-host
+synchronisation per public call, none when the vectors are Python ints or CPU tensors
+(CPU inputs then move to the device with a non-blocking copy). Backends receive
+validated arguments and never synchronise. Under ``torch.compile`` the values cannot be
+read while tracing; the same conditions are then asserted on the device
+(``torch._assert_async``), so a bad span fails at run time with the same message
+instead of a ``ValueError``.
 """
 from __future__ import annotations
 
@@ -43,8 +48,8 @@ def _check_tensor(name: str, t, ndim: int, expected: str) -> None:
         raise ValueError(f"{name}: expected shape {expected}, got {_shape(t)}")
 
 
-def _index_vector(name: str, x, batch: int, device: torch.device) -> torch.Tensor:
-    """(B,) int64 on ``device``; Python ints and sequences are accepted."""
+def _index_vector(name: str, x, batch: int) -> torch.Tensor:
+    """(B,) int64 on the device it came on (CPU for Python ints and sequences)."""
     if isinstance(x, torch.Tensor):
         if x.dtype.is_floating_point or x.dtype == torch.bool or x.dtype.is_complex:
             raise TypeError(f"{name}: expected an integer tensor shaped ({batch},), got dtype {x.dtype}")
@@ -57,17 +62,47 @@ def _index_vector(name: str, x, batch: int, device: torch.device) -> torch.Tenso
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},) (one position per batch item), got {_shape(t)}")
-    return t.to(device=device, dtype=torch.int64).contiguous()
+    return t.to(torch.int64)
 
 
-def _check_span(name: str, start: torch.Tensor, length: int, total: int, what: str) -> None:
-    lo = int(start.min()) if start.numel() else 0
-    hi = int((start + length).max()) if start.numel() else 0
-    if lo < 0 or hi > total:
-        raise ValueError(
-            f"{name}: the span [key_start, key_start + {length}) must lie inside [0, {what}={total}); "
-            f"got key_start={start.tolist()}"
-        )
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Contiguous on ``device``; a host tensor is copied without waiting for the device."""
+    return t.to(device, non_blocking=True).contiguous()
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _read_once(vectors: list[torch.Tensor]) -> list[list[int]]:
+    """The values of ``vectors`` (1-D int64) on the host, read in a single transfer: they
+    are concatenated where they live (on the GPU when one of them is there) and read
+    back once."""
+    if not vectors:
+        return []
+    dev = next((v.device for v in vectors if v.device.type != "cpu"), torch.device("cpu"))
+    flat = torch.cat([v.to(dev, non_blocking=True) for v in vectors]).tolist()
+    out, i = [], 0
+    for v in vectors:
+        out.append(flat[i:i + v.numel()])
+        i += v.numel()
+    return out
+
+
+def _span_error(name: str, length: int, total: int, starts) -> ValueError:
+    return ValueError(
+        f"{name}: the span [key_start, key_start + {length}) must lie inside [0, Sk={total}); got key_start={starts}"
+    )
+
+
+def _check_span(name: str, starts: list[int], length: int, total: int) -> None:
+    if starts and (min(starts) < 0 or max(starts) + length > total):
+        raise _span_error(name, length, total, starts)
+
+
+def _assert_span(name: str, start: torch.Tensor, length: int, total: int) -> None:
+    ok = ((start >= 0) & (start + length <= total)).all()
+    torch._assert_async(ok, f"{name}: the span [key_start, key_start + {length}) must lie inside [0, Sk={total})")
 
 
 def check_attention(q, k, v, causal, softmax_scale, key_padding_mask, knockout, capture) -> AttentionArgs:
@@ -118,50 +153,85 @@ def check_attention(q, k, v, causal, softmax_scale, key_padding_mask, knockout, 
                             f"got {key_padding_mask.dtype}")
         if tuple(key_padding_mask.shape) != (B, Sk):
             raise ValueError(f"key_padding_mask: expected shape ({B}, {Sk}), got {_shape(key_padding_mask)}")
-        kpm = key_padding_mask.to(q.device).contiguous()
+        kpm = _to_device(key_padding_mask, q.device)
 
-    ko = None
+    ko = cap = None
     if knockout is not None:
         if not isinstance(knockout, Knockout):
             raise TypeError(f"knockout: expected vgkernels.Knockout, got {type(knockout).__name__}")
         if knockout.mode not in KNOCKOUT_MODES:
             raise ValueError(f"knockout.mode: expected one of {KNOCKOUT_MODES}, got {knockout.mode!r}")
-        qs = _index_vector("knockout.query_start", knockout.query_start, B, q.device)
-        qe = _index_vector("knockout.query_end", knockout.query_end, B, q.device)
-        ks = _index_vector("knockout.key_start", knockout.key_start, B, q.device)
+        qs = _index_vector("knockout.query_start", knockout.query_start, B)
+        qe = _index_vector("knockout.query_end", knockout.query_end, B)
+        ks = _index_vector("knockout.key_start", knockout.key_start, B)
         keep = knockout.keep
         if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.shape[0] != B:
             got = _shape(keep) if isinstance(keep, torch.Tensor) else type(keep).__name__
             raise ValueError(f"knockout.keep: expected shape ({B}, N) bool, got {got}")
         if keep.dtype != torch.bool:
             raise TypeError(f"knockout.keep: expected dtype torch.bool, got {keep.dtype}")
-        N = keep.shape[1]
-        _check_span("knockout.key_start", ks, N, Sk, "Sk")
-        if B and (int(qs.min()) < 0 or int(qe.max()) > Sk or bool((qs > qe).any())):
-            raise ValueError(
-                f"knockout.query_start/query_end: expected 0 <= query_start <= query_end <= Sk={Sk}, "
-                f"got query_start={qs.tolist()}, query_end={qe.tolist()}"
-            )
-        ko = Knockout(qs, qe, ks, keep.to(q.device).contiguous(), knockout.mode)
-
-    cap = None
     if capture is not None:
         if not isinstance(capture, Capture):
             raise TypeError(f"capture: expected vgkernels.Capture, got {type(capture).__name__}")
         length = capture.length
         if isinstance(length, torch.Tensor):
-            length = int(length)
-        if not isinstance(length, int) or length < 0:
+            if length.numel() != 1 or length.dtype.is_floating_point or length.dtype == torch.bool:
+                raise ValueError(f"capture.length: expected a non-negative int, got {capture.length!r}")
+            length_t = length.reshape(1).to(torch.int64)
+        elif isinstance(length, int) and not isinstance(length, bool):
+            length_t = None
+        else:
             raise ValueError(f"capture.length: expected a non-negative int, got {capture.length!r}")
-        row = _index_vector("capture.row", capture.row, B, q.device)
-        cks = _index_vector("capture.key_start", capture.key_start, B, q.device)
-        if B and (int(row.min()) < Sk - Sq or int(row.max()) >= Sk):
-            raise ValueError(
-                f"capture.row: expected positions in this call's query block [{Sk - Sq}, {Sk}) "
-                f"(Sq={Sq}, Sk={Sk}), got {row.tolist()}"
-            )
-        _check_span("capture.key_start", cks, length, Sk, "Sk")
-        cap = Capture(row, cks, length)
+        row = _index_vector("capture.row", capture.row, B)
+        cks = _index_vector("capture.key_start", capture.key_start, B)
+
+    if _compiling():
+        # Values cannot be read while tracing: assert the same conditions on the device.
+        if knockout is not None:
+            _assert_span("knockout.key_start", ks, keep.shape[1], Sk)
+            torch._assert_async(((qs >= 0) & (qe <= Sk) & (qs <= qe)).all(),
+                                f"knockout.query_start/query_end: expected 0 <= query_start <= query_end <= Sk={Sk}")
+        if capture is not None:
+            if length_t is not None:
+                raise ValueError("capture.length: pass a Python int under torch.compile, not a tensor")
+            if length < 0:
+                raise ValueError(f"capture.length: expected a non-negative int, got {length!r}")
+            torch._assert_async(((row >= Sk - Sq) & (row < Sk)).all(),
+                                f"capture.row: expected positions in this call's query block [{Sk - Sq}, {Sk})")
+            _assert_span("capture.key_start", cks, length, Sk)
+    else:
+        # Every value the checks need, in one host read (one synchronisation at most).
+        vecs = ([qs, qe, ks] if knockout is not None else []) + ([row, cks] if capture is not None else [])
+        if capture is not None and length_t is not None:
+            vecs.append(length_t)
+        vals = _read_once(vecs)
+        if capture is not None and length_t is not None:
+            length = vals.pop()[0]
+        if knockout is not None:
+            qs_h, qe_h, ks_h = vals[:3]
+            vals = vals[3:]
+            _check_span("knockout.key_start", ks_h, keep.shape[1], Sk)
+            if B and (min(qs_h) < 0 or max(qe_h) > Sk or any(a > b for a, b in zip(qs_h, qe_h))):
+                raise ValueError(
+                    f"knockout.query_start/query_end: expected 0 <= query_start <= query_end <= Sk={Sk}, "
+                    f"got query_start={qs_h}, query_end={qe_h}"
+                )
+        if capture is not None:
+            if length < 0:
+                raise ValueError(f"capture.length: expected a non-negative int, got {capture.length!r}")
+            row_h, cks_h = vals
+            if B and (min(row_h) < Sk - Sq or max(row_h) >= Sk):
+                raise ValueError(
+                    f"capture.row: expected positions in this call's query block [{Sk - Sq}, {Sk}) "
+                    f"(Sq={Sq}, Sk={Sk}), got {row_h}"
+                )
+            _check_span("capture.key_start", cks_h, length, Sk)
+    if knockout is not None:
+        dev = q.device
+        ko = Knockout(_to_device(qs, dev), _to_device(qe, dev), _to_device(ks, dev), _to_device(keep, dev),
+                      knockout.mode)
+    if capture is not None:
+        cap = Capture(_to_device(row, q.device), _to_device(cks, q.device), int(length))
 
     return AttentionArgs(q, k, v, bool(causal), scale, kpm, ko, cap)
 
@@ -194,24 +264,36 @@ def check_capture_from_lse(q_row, k, lse_row, key_start, length, softmax_scale, 
         raise ValueError(f"k: Hq={Hq} must be a multiple of Hkv={Hkv}, got q_row {_shape(q_row)}, k {_shape(k)}")
     if tuple(lse_row.shape) != (B, Hq):
         raise ValueError(f"lse_row: expected shape ({B}, {Hq}), got {_shape(lse_row)}")
-    if isinstance(length, torch.Tensor):
-        length = int(length)
-    if not isinstance(length, int) or length < 0:
+    if isinstance(length, bool) or not isinstance(length, (int, torch.Tensor)):
         raise ValueError(f"length: expected a non-negative int, got {length!r}")
     for name, t in (("q_row", q_row), ("k", k)):
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name}: the last (head) dimension must be contiguous, got strides {t.stride()}")
-    ks = _index_vector("key_start", key_start, B, k.device)
-    _check_span("key_start", ks, length, Sk, "Sk")
+    ks = _index_vector("key_start", key_start, B)
+    if _compiling():
+        if isinstance(length, torch.Tensor):
+            raise ValueError("length: pass a Python int under torch.compile, not a tensor")
+        if length < 0:
+            raise ValueError(f"length: expected a non-negative int, got {length!r}")
+        _assert_span("key_start", ks, length, Sk)
+    else:
+        vecs = [ks] + ([length.reshape(1).to(torch.int64)] if isinstance(length, torch.Tensor) else [])
+        vals = _read_once(vecs)
+        if isinstance(length, torch.Tensor):
+            length = vals[1][0]
+        if length < 0:
+            raise ValueError(f"length: expected a non-negative int, got {length!r}")
+        _check_span("key_start", vals[0], length, Sk)
+    ks = _to_device(ks, k.device)
     if keep is not None:
         if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (B, length):
             got = _shape(keep) if isinstance(keep, torch.Tensor) else type(keep).__name__
             raise ValueError(f"keep: expected shape ({B}, {length}) bool, got {got}")
         if keep.dtype != torch.bool:
             raise TypeError(f"keep: expected dtype torch.bool, got {keep.dtype}")
-        keep = keep.to(k.device).contiguous()
+        keep = _to_device(keep, k.device)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    return CaptureFromLseArgs(q_row, k, lse_row.to(k.device), ks, length, scale, keep)
+    return CaptureFromLseArgs(q_row, k, lse_row.to(k.device, non_blocking=True), ks, int(length), scale, keep)
 
 
 def check_metrics(attn, mask, reference):
@@ -226,7 +308,7 @@ def check_metrics(attn, mask, reference):
         mask = torch.as_tensor(mask)
     if mask.dtype.is_complex:
         raise TypeError(f"mask: expected bool or 0/1 values, got {mask.dtype}")
-    mask = mask.to(attn.device)
+    mask = mask.to(attn.device, non_blocking=True)
     try:
         shape = torch.broadcast_shapes(attn.shape, mask.shape)
     except RuntimeError:
@@ -239,7 +321,7 @@ def check_metrics(attn, mask, reference):
             reference = torch.as_tensor(reference)
         if not reference.dtype.is_floating_point:
             raise TypeError(f"reference: expected a floating dtype, got {reference.dtype}")
-        reference = reference.to(attn.device)
+        reference = reference.to(attn.device, non_blocking=True)
         try:
             rshape = torch.broadcast_shapes(attn.shape, reference.shape)
         except RuntimeError:

@@ -98,8 +98,9 @@ def attention_ref(
     probs = None
     if capture is not None:
         probs = torch.zeros(B, Hq, capture.length, dtype=torch.float32, device=dev)
-        cap_rows = (capture.row - (Sk - Sq)).tolist()
-        cap_keys = capture.key_start.tolist()
+        cap_rows = capture.row - (Sk - Sq)  # (B,) query index of each sample's captured row
+        # (B, N) key of each captured probability; gathered on the device, never read back.
+        cap_keys = (capture.key_start[:, None] + torch.arange(capture.length, device=dev)[None, :]).clamp(0, Sk - 1)
     zero_mode = knockout is not None and knockout.mode == "zero"
     for r0 in range(0, Sq, chunk_size):
         r1 = min(Sq, r0 + chunk_size)
@@ -122,12 +123,12 @@ def attention_ref(
         out[:, r0:r1] = o.permute(0, 3, 1, 2, 4).reshape(B, C, Hq, D).to(q.dtype)
         if lse is not None:
             lse[:, :, r0:r1] = row_lse.reshape(B, Hq, C).to(torch.float32)
-        if probs is not None:
-            for b in range(B):
-                r = cap_rows[b]
-                if r0 <= r < r1:
-                    span = p[b, :, :, r - r0, cap_keys[b]: cap_keys[b] + capture.length]
-                    probs[b] = span.reshape(Hq, capture.length).to(torch.float32)
+        if probs is not None and capture.length:
+            in_chunk = (cap_rows >= r0) & (cap_rows < r1)
+            r = (cap_rows - r0).clamp(0, C - 1)
+            row = p.gather(3, r[:, None, None, None, None].expand(B, Hkv, G, 1, Sk)).squeeze(3)  # (B, Hkv, G, Sk)
+            span = row.gather(3, cap_keys[:, None, None, :].expand(B, Hkv, G, capture.length))
+            probs = torch.where(in_chunk[:, None, None], span.reshape(B, Hq, capture.length).to(torch.float32), probs)
     return out, lse, probs
 
 

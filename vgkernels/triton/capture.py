@@ -48,6 +48,41 @@ def _capture_from_lse_kernel(
     tl.store(PROBS + (b64 * Hq + h) * N + offs_j, p, mask=j_ok)
 
 
+def run_capture_from_lse(
+    q_row: torch.Tensor,
+    k: torch.Tensor,
+    lse_row: torch.Tensor,
+    key_start: torch.Tensor,
+    length: int,
+    scale: float,
+    keep: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The launch behind :func:`capture_from_lse` (the custom op's implementation)."""
+    B, Hq, D = q_row.shape
+    Hkv = k.shape[2]
+    probs = _common.empty((B, Hq, length), torch.float32, k.device)
+    if B == 0 or Hq == 0 or length == 0:
+        return probs
+    if D > 256:
+        raise ValueError(f"q_row: backend='triton' supports head dims up to 256, got D={D}")
+    block_d = _common.next_pow2(D)
+    # At most 8192 float32 products per tile (64 per thread at 4 warps): no spills at D = 256.
+    block_n = 16 if _common.INTERPRET else max(16, min(128, _common.next_pow2(length), 8192 // block_d))
+    grid = (B * Hq, triton.cdiv(length, block_n))
+    kw = {} if _common.INTERPRET else {"num_warps": 4}
+    _capture_from_lse_kernel[grid](
+        q_row, k, lse_row, key_start,
+        _common.as_loadable(keep) if keep is not None else _common.dummy(k.device, torch.uint8),
+        probs, float(scale) * _common.LOG2E,
+        q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        lse_row.stride(0), lse_row.stride(1),
+        Hq, Hq // Hkv, length,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, HAS_KEEP=keep is not None,
+        **kw,
+    )
+    return probs
+
+
 def capture_from_lse(
     q_row: torch.Tensor,
     k: torch.Tensor,
@@ -59,29 +94,14 @@ def capture_from_lse(
 ) -> torch.Tensor:
     """``probs[b, h, j] = exp(scale · q_row[b, h]·k[b, key_start[b] + j, h // G] − lse_row[b, h])``,
     times ``keep[b, j]`` when given. ``q_row (B, Hq, D)``, ``k (B, Sk, Hkv, D)``,
-    ``lse_row (B, Hq)``; returns ``(B, Hq, length)`` float32 (validated arguments).
+    ``lse_row (B, Hq)``; returns ``(B, Hq, length)`` float32 (validated arguments; no host
+    sync). Traced as the custom op ``torch.ops.vgkernels_triton.capture_from_lse``.
 
     The formula is applied as written: an ``lse`` of ``-inf`` (a row with no key) gives
     ``inf``, as the reference does.
     """
-    B, Hq, D = q_row.shape
-    Hkv = k.shape[2]
-    probs = _common.empty((B, Hq, length), torch.float32, k.device)
-    if B == 0 or Hq == 0 or length == 0:
-        return probs
-    if D > 256:
-        raise ValueError(f"q_row: backend='triton' supports head dims up to 256, got D={D}")
-    block_n = 16 if _common.INTERPRET else min(128, max(16, _common.next_pow2(length)))
-    grid = (B * Hq, triton.cdiv(length, block_n))
-    kw = {} if _common.INTERPRET else {"num_warps": 4}
-    _capture_from_lse_kernel[grid](
-        q_row, k, lse_row, key_start,
-        _common.as_loadable(keep) if keep is not None else _common.dummy(k.device, torch.uint8),
-        probs, float(scale) * _common.LOG2E,
-        q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        lse_row.stride(0), lse_row.stride(1),
-        Hq, Hq // Hkv, length,
-        HEAD_DIM=D, BLOCK_D=_common.next_pow2(D), BLOCK_N=block_n, HAS_KEEP=keep is not None,
-        **kw,
-    )
-    return probs
+    from . import _ops
+
+    if _ops.traced(q_row):
+        return _ops.capture_from_lse(q_row, k, lse_row, key_start, int(length), float(scale), keep)
+    return run_capture_from_lse(q_row, k, lse_row, key_start, int(length), float(scale), keep)
