@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
@@ -80,9 +79,9 @@ def test_capture_generate_is_bit_identical(name):
 
 
 def test_layers_never_read_tensors_on_the_host(monkeypatch, gen):
-    """Within a patched layer (capture and a knockout band, composed and fused) the
-    takeover reads no tensor value back: the plan was built before the first layer ran.
-    (The kernel backends' own no-sync rule is tested with the kernels.)"""
+    """Within a patched layer (capture and a knockout band, composed and fused) nothing
+    reads a tensor value back — neither the takeover, nor the kernel backend, nor the
+    model's own attention: the plan was built before the first layer ran."""
     model, proc, _ = models("tiny-llava")
     inp = make_inputs("tiny-llava", proc, PROMPTS, SIZES, padding_side="right")
     spans, _ = expected_spans("tiny-llava", model, inp)
@@ -102,9 +101,8 @@ def test_layers_never_read_tensors_on_the_host(monkeypatch, gen):
         real = getattr(torch.Tensor, name)
 
         def f(self, *a, **k):
-            caller = sys._getframe(1).f_code.co_filename
-            if depth[0] and f"{os.sep}integrations{os.sep}" in caller:
-                reads.append((name, caller))
+            if depth[0]:
+                reads.append((name, sys._getframe(1).f_code.co_filename))
             return real(self, *a, **k)
         return f
 
