@@ -37,7 +37,7 @@ class Comparison:
     allowed: list  # same shape: differences the allow-list covers
     fixed: list  # [test id]: did not pass unpatched, passed patched
     counts: dict  # {"unpatched": Counter, "patched": Counter}
-    vgkernels_ran: int  # tests that passed in both runs with vgkernels attention calls in the patched one
+    vgkernels_ran: int  # tests that passed in both runs with vgkernels kernel calls in the patched one
     passed_both: int
 
     @property
@@ -98,7 +98,7 @@ def compare(unpatched: dict[str, Result], patched: dict[str, Result], allow=()) 
             fixed.append(tid)
         if u.outcome == "passed" and p.outcome == "passed":
             passed_both += 1
-            if int(p.props.get("vgpatch_attention", 0) or 0) > 0:
+            if int(p.props.get("vgpatch_calls", 0) or 0) > 0:
                 ran += 1
     counts = {
         "unpatched": collections.Counter(r.outcome for r in unpatched.values()),
@@ -118,7 +118,7 @@ def report(c: Comparison, label: str = "", out=None) -> None:
     for run in ("unpatched", "patched"):
         cnt = c.counts[run]
         w(f"{head}{run:9s}: " + ", ".join(f"{cnt.get(o, 0)} {o}" for o in OUTCOMES if cnt.get(o, 0)))
-    w(f"{head}passed in both runs: {c.passed_both}, of which {c.vgkernels_ran} ran attention through vgkernels "
+    w(f"{head}passed in both runs: {c.passed_both}, of which {c.vgkernels_ran} ran vgkernels kernels "
       "when patched")
     for tid in c.fixed:
         w(f"{head}note: did not pass unpatched but passed patched: {_short(tid)}")

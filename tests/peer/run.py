@@ -13,7 +13,7 @@ unpatched and one with ``-p vgpatch_plugin`` (tests/peer/vgpatch_plugin.py), eac
 junit XML, a log and its wall time; then ``compare.py``. Exit status 1 when the
 unpatched run fails, when a test that passed unpatched does not pass patched (except
 the ``--allow`` list, reported), or when the plugin counted no patched instance, no
-vgkernels attention call or no capture.
+vgkernels kernel call or no capture.
 """
 from __future__ import annotations
 
@@ -147,9 +147,8 @@ def main(argv=None) -> int:
         if c is None:
             problems.append(f"{key}: the patched run wrote no vgpatch counts (see {p['log']})")
         else:
-            print(f"[{key}@{version}] vgpatch: {c['patched']} instances patched in {c['tests_patched']} tests, "
-                  f"{c['attention']} vgkernels attention calls ({c['attention_captured']} with capture), "
-                  f"{c['capture_from_lse']} capture_from_lse, {c['captures']} captures, vgkernels ran in "
+            print(f"[{key}@{version}] vgpatch: {c['patched']} instances patched in {c['tests_patched']} tests; "
+                  f"{c['calls']} vgkernels kernel calls {c['op_calls']}, {c['captures']} captures; vgkernels ran in "
                   f"{c['tests_vgkernels']} tests; left alone: {c['refused']} {c['refused_classes'] or ''}", flush=True)
             if c["error_messages"]:
                 print(f"[{key}@{version}] patch_model raised on construction: {c['error_messages']}")

@@ -12,7 +12,7 @@ import compare  # noqa: E402
 # test, an xfail a <skipped type="pytest.xfail">, a non-strict xpass a bare testcase.
 UNPATCHED = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.m.T" name="test_ok" time="0.1"><properties>
-  <property name="vgpatch_attention" value="0"/></properties></testcase>
+  <property name="vgpatch_calls" value="0"/></properties></testcase>
 <testcase classname="tests.m.T" name="test_breaks" time="0.1"/>
 <testcase classname="tests.m.T" name="test_subtest" time="0.1"/>
 <testcase classname="tests.m.T" name="test_attn_implementation_composite_models" time="0.1"/>
@@ -25,7 +25,7 @@ UNPATCHED = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name
 
 PATCHED = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.m.T" name="test_ok" time="0.1"><properties>
-  <property name="vgpatch_attention" value="4"/></properties></testcase>
+  <property name="vgpatch_calls" value="4"/></properties></testcase>
 <testcase classname="tests.m.T" name="test_breaks" time="0.1"><failure message="ValueError: layer 0 got 24 keys">tb</failure></testcase>
 <testcase classname="tests.m.T" name="test_subtest" time="0.1"><failure message="AssertionError: 1 == 1">tb</failure>
   <failure message="contains 1 failed subtest">contains 1 failed subtest</failure></testcase>
@@ -58,7 +58,7 @@ def test_outcomes_from_junit(reports):
     assert p["tests.m.T::test_breaks"].message == "ValueError: layer 0 got 24 keys"
     # Reported twice (pass, then an error at teardown): the worst outcome wins.
     assert p["tests.m.T::test_teardown"].outcome == "error"
-    assert p["tests.m.T::test_ok"].props == {"vgpatch_attention": "4"}
+    assert p["tests.m.T::test_ok"].props == {"vgpatch_calls": "4"}
 
 
 def test_regressions_allowed_and_fixed(reports):

@@ -86,7 +86,7 @@ def test_plugin_patches_counts_and_releases(run):
     per = {tid.rsplit("::", 1)[-1]: r.props for tid, r in junit.items()}
     # One LlavaForConditionalGeneration per test; its vision tower, Llama and LlavaModel are parts.
     assert per["test_a_forward"]["vgpatch_patched"] == "1"
-    assert int(per["test_a_forward"]["vgpatch_attention"]) > 0
+    assert int(per["test_a_forward"]["vgpatch_calls"]) > 0
     assert int(per["test_a_forward"]["vgpatch_captures"]) > 0
     assert per["test_c_deepcopy_is_patched_on_its_own"]["vgpatch_patched"] == "2"
     assert int(per["test_c_deepcopy_is_patched_on_its_own"]["vgpatch_captures"]) >= 2
@@ -94,7 +94,7 @@ def test_plugin_patches_counts_and_releases(run):
     assert per["test_d_second_post_init_builds_nothing"]["vgpatch_refused"] == "0"
     assert per["test_e_text_model_is_left_alone"]["vgpatch_patched"] == "0"
     assert per["test_e_text_model_is_left_alone"]["vgpatch_refused"] == "1"
-    assert per["test_e_text_model_is_left_alone"]["vgpatch_attention"] == "0"
+    assert per["test_e_text_model_is_left_alone"]["vgpatch_calls"] == "0"
     assert counts["patched"] == 4 and counts["refused"] == 1 and counts["errors"] == 0
     assert counts["refused_classes"] == {"LlamaForCausalLM": 1}
     assert counts["captures"] > 0 and counts["failed_because"] == []

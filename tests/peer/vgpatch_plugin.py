@@ -39,16 +39,19 @@ What is counted
 ---------------
 - per test and in total: outermost instances patched, refused (by class) and failed;
 - calls into the vgkernels kernels, counted where every public entry point dispatches:
-  the backend module that ``vgkernels._dispatch.get`` returns has its ``attention`` and
-  ``capture_from_lse`` wrapped. ``attention`` calls, those of them that returned captured
-  probabilities, and ``capture_from_lse`` calls; "captures" is the last two together;
+  ``vgkernels._dispatch.get(backend, device, op)`` hands out a backend module whose
+  function ``op`` is then called; the plugin wraps that function (once per module and
+  op), so every call is counted by op (``attention``, ``capture_from_lse``, any op a
+  rewrite adds; ``grounding_metrics`` is not attention and is not counted). A *capture*
+  is an ``attention`` call that returned probabilities or a call of an op named
+  ``*capture*``;
 - handles that produced ``maps`` before they were unpatched.
 
 Each test's counts go into its junit ``<properties>`` (``vgpatch_patched``,
-``vgpatch_refused``, ``vgpatch_errors``, ``vgpatch_attention``, ``vgpatch_captures``), so
+``vgpatch_refused``, ``vgpatch_errors``, ``vgpatch_calls``, ``vgpatch_captures``), so
 ``compare.py`` can tell a test that passed with vgkernels running from one that passed
 without it. The totals are printed at the end, and the session FAILS when no instance
-was patched, no attention ran through vgkernels, or nothing was captured.
+was patched, no kernel call ran through vgkernels, or nothing was captured.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ import weakref
 import pytest
 
 PROP_PREFIX = "vgpatch_"
+NOT_ATTENTION = ("grounding_metrics",)  # dispatched ops that are not a layer's attention
 _DELETE = object()  # marks an attribute the plugin added (removed again on uninstall)
 
 
@@ -77,8 +81,7 @@ class _Record:
 
 
 class _Counters:
-    FIELDS = ("patched", "refused", "errors", "absorbed", "attention", "attention_captured", "capture_from_lse",
-              "with_maps")
+    FIELDS = ("patched", "refused", "errors", "absorbed", "with_maps", "calls", "captures")
 
     def __init__(self):
         for f in self.FIELDS:
@@ -86,10 +89,6 @@ class _Counters:
 
     def snapshot(self) -> dict:
         return {f: getattr(self, f) for f in self.FIELDS}
-
-    @property
-    def captures(self) -> int:
-        return self.attention_captured + self.capture_from_lse
 
 
 class VGPatch:
@@ -105,6 +104,7 @@ class VGPatch:
         self.error_messages: list[str] = []
         self.tests_patched = 0
         self.tests_vgkernels = 0
+        self.op_calls: collections.Counter = collections.Counter()
         self.in_test = False
         self._busy = False
         self._copy_depth = 0
@@ -143,9 +143,9 @@ class VGPatch:
         orig_get = _dispatch.get
 
         @functools.wraps(orig_get)
-        def get(*args, **kwargs):
-            mod = orig_get(*args, **kwargs)
-            plugin._count_module(mod)
+        def get(backend, device, op, *args, **kwargs):
+            mod = orig_get(backend, device, op, *args, **kwargs)
+            plugin._count_op(mod, op)
             return mod
 
         _dispatch.get = get
@@ -193,32 +193,26 @@ class VGPatch:
                 return r
         return None
 
-    def _count_module(self, mod) -> None:
-        """Wrap a backend module's kernel functions (once) so that each call is counted."""
+    def _count_op(self, mod, op) -> None:
+        """Wrap (once) the backend function ``_dispatch.get`` handed out for ``op``."""
+        fn = getattr(mod, op, None) if isinstance(op, str) else None
+        if fn is None or getattr(fn, "_vgpatch_counted", False) or op in NOT_ATTENTION:
+            return
         plugin = self
-        for name in ("attention", "capture_from_lse"):
-            fn = getattr(mod, name, None)
-            if fn is None or getattr(fn, "_vgpatch_counted", False):
-                continue
 
-            def make(fn, name):
-                @functools.wraps(fn)
-                def counted(*args, **kwargs):
-                    res = fn(*args, **kwargs)
-                    if name == "capture_from_lse":
-                        plugin.total.capture_from_lse += 1
-                    else:
-                        plugin.total.attention += 1
-                        # Backends return (out, lse | None, probs | None).
-                        if isinstance(res, tuple) and len(res) == 3 and res[2] is not None:
-                            plugin.total.attention_captured += 1
-                    return res
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            res = fn(*args, **kwargs)
+            plugin.op_calls[op] += 1
+            plugin.total.calls += 1
+            # attention returns (out, lse | None, probs | None): probs is a capture.
+            if "capture" in op or (isinstance(res, tuple) and len(res) == 3 and res[2] is not None):
+                plugin.total.captures += 1
+            return res
 
-                counted._vgpatch_counted = True
-                self._restore.append((mod, name, fn))
-                return counted
-
-            setattr(mod, name, make(fn, name))
+        counted._vgpatch_counted = True
+        self._restore.append((mod, op, fn))
+        setattr(mod, op, counted)
 
     # ------------------------------------------------------------------ instances
     def on_built(self, model) -> None:
@@ -336,14 +330,12 @@ def pytest_runtest_teardown(item, nextitem):
         start = item.stash.get(_START, None) or _Counters().snapshot()
         now = plugin.total.snapshot()
         d = {f: now[f] - start[f] for f in now}
-        captures = d["attention_captured"] + d["capture_from_lse"]
         if d["patched"]:
             plugin.tests_patched += 1
-        if d["attention"] + d["capture_from_lse"]:
+        if d["calls"]:
             plugin.tests_vgkernels += 1
-        for name, v in (("patched", d["patched"]), ("refused", d["refused"]), ("errors", d["errors"]),
-                        ("attention", d["attention"]), ("captures", captures)):
-            item.user_properties.append((PROP_PREFIX + name, v))
+        for name in ("patched", "refused", "errors", "calls", "captures"):
+            item.user_properties.append((PROP_PREFIX + name, d[name]))
     if closed["errors"]:
         msgs = "; ".join(f"{r.cls}: {r.reason}" for r in closed["errors"])
         raise RuntimeError(f"vgpatch: vgkernels.patch_model(capture='all') failed on a model this test built: {msgs}") \
@@ -361,7 +353,7 @@ def pytest_sessionfinish(session, exitstatus):
     why = []
     if t.patched == 0:
         why.append("no model instance was patched")
-    if t.attention + t.capture_from_lse == 0:
+    if t.calls == 0:
         why.append("no attention ran through vgkernels")
     if t.captures == 0:
         why.append("nothing was captured")
@@ -373,7 +365,7 @@ def pytest_sessionfinish(session, exitstatus):
         import json
 
         with open(path, "w") as f:
-            json.dump({**t.snapshot(), "captures": t.captures, "tests_patched": plugin.tests_patched,
+            json.dump({**t.snapshot(), "op_calls": dict(plugin.op_calls), "tests_patched": plugin.tests_patched,
                        "tests_vgkernels": plugin.tests_vgkernels, "refused_classes": dict(plugin.refused_classes),
                        "refused_reasons": plugin.refused_reasons,
                        "error_messages": sorted(set(plugin.error_messages)),
@@ -389,9 +381,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("vgpatch: vgkernels.patch_model(capture='all') on every model built")
     tr.write_line(f"instances patched: {t.patched} (in {plugin.tests_patched} tests); maps produced by {t.with_maps}; "
                   f"parts absorbed into their composite: {t.absorbed}")
-    tr.write_line(f"vgkernels calls: attention {t.attention} (with capture {t.attention_captured}), "
-                  f"capture_from_lse {t.capture_from_lse}; captures {t.captures}; tests where vgkernels ran: "
-                  f"{plugin.tests_vgkernels}")
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(plugin.op_calls.items()))
+    tr.write_line(f"vgkernels kernel calls: {t.calls} ({ops or 'none'}), of which captures {t.captures}; "
+                  f"tests where vgkernels ran: {plugin.tests_vgkernels}")
     refused = ", ".join(f"{k} x{v}" for k, v in sorted(plugin.refused_classes.items()))
     tr.write_line(f"instances left alone (patch_model refused): {t.refused}" + (f" [{refused}]" if refused else ""))
     for cls, reason in sorted(plugin.refused_reasons.items()):
