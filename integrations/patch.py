@@ -270,30 +270,39 @@ class VGHandle:
         self.active = False
 
     def _wrap_generate(self, orig):
-        def generate(*args, **kwargs):
-            if self._gen_depth == 0:
-                self._gen_forwards = 0
-                self._gen_record = self.shim.observe(args, kwargs)
-            self._gen_depth += 1
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                self._gen_depth -= 1
-                if self._gen_depth == 0:
-                    self._gen_record = None
+        return _Generate(self, orig)
 
-        generate.__wrapped__ = orig
-        generate.__doc__ = getattr(orig, "__doc__", None)
-        return generate
+    def _generate(self, orig, args, kwargs):
+        if not self.active:
+            return orig(*args, **kwargs)
+        if self._gen_depth == 0:
+            self._gen_forwards = 0
+            self._gen_record = self.shim.observe(args, kwargs)
+        self._gen_depth += 1
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            self._gen_depth -= 1
+            if self._gen_depth == 0:
+                self._gen_record = None
+
+    def __deepcopy__(self, memo):
+        # A deep copy of the patched model gets the hooks and generate wrappers of a handle
+        # that is not active: they pass everything through.
+        return _Detached()
 
     # -- hooks
     def _outer_pre_hook(self, module, args, kwargs):
+        if not self.active:
+            return None
         rec = self.shim.observe(args, kwargs)
         if rec is not None:
             self._fwd_record = rec
         return None
 
     def _decoder_pre_hook(self, module, args, kwargs):
+        if not self.active:
+            return None
         x = kwargs.get("inputs_embeds")
         if x is None:
             x = kwargs.get("input_ids", args[0] if args else None)
@@ -496,6 +505,28 @@ class VGHandle:
         state = "active" if self.active else "unpatched"
         ko = f", knockout layers {sorted(self._knockout.layers)}" if self._knockout else ""
         return f"<vgkernels patch ({self.family}, {state}, {self.execution}): capture layers {self.layers}{ko}>"
+
+
+class _Generate:
+    """The per-instance ``generate`` while patched (an object rather than a closure, so
+    that a deep copy of the model binds it to the copy)."""
+
+    def __init__(self, handle, orig):
+        self.handle, self.orig = handle, orig
+        self.__wrapped__ = orig
+        self.__doc__ = getattr(orig, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        return self.handle._generate(self.orig, args, kwargs)
+
+
+class _Detached:
+    """What a deep copy of a handle becomes: inactive, so its hooks pass through."""
+
+    active = False
+
+    def _generate(self, orig, args, kwargs):
+        return orig(*args, **kwargs)
 
 
 def _record_batch(record: dict, B: int) -> Optional[int]:

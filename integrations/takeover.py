@@ -75,9 +75,26 @@ def vg_attention(module, query, key, value, attention_mask, scaling=None, dropou
     A module that no takeover owns (a model loaded with ``attn_implementation="vgkernels"``)
     gets plain causal attention from the vgkernels kernel."""
     owner = module.__dict__.get("_vg_takeover")
-    if owner is None:
-        return plain_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs)
-    return owner.attend(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if owner is not None:
+        return owner.attend(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    own = module.__dict__.get("_vg_original_config")
+    if own is not None:  # a deep copy of a patched module: it behaves as the unpatched one
+        return run_original(module, own, query, key, value, attention_mask, scaling, dropout, kwargs)
+    return plain_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def run_original(module, cfg, query, key, value, mask, scaling, dropout, kwargs, backend: str = "auto"):
+    """The attention implementation ``cfg`` names, run with ``cfg`` as the module's config
+    (``flash_attention_*`` read ``module.config``)."""
+    if cfg._attn_implementation == ATTN_KEY:  # the model's own implementation is ours
+        return plain_attention(module, query, key, value, mask, scaling, dropout, kwargs, backend)
+    fn = original_function(module, cfg._attn_implementation)
+    patched = module.__dict__["config"]
+    module.__dict__["config"] = cfg
+    try:
+        return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    finally:
+        module.__dict__["config"] = patched
 
 
 def plain_attention(module, query, key, value, mask, scaling, dropout, kwargs, backend: str = "auto"):
@@ -384,10 +401,13 @@ class Takeover:
     # -- install / remove
     def install(self) -> "Takeover":
         register()
-        busy = [i for i, m in zip(self.indices, self.modules) if "_vg_takeover" in m.__dict__]
+        busy = [i for i, m in zip(self.indices, self.modules) if m.__dict__.get("_vg_takeover") is not None]
         if busy:
             raise ValueError(f"layer(s) {busy} are already patched by vgkernels; unpatch the other handle first")
         for i, m in zip(self.indices, self.modules):
+            if "_vg_original_config" in m.__dict__:  # a deep copy of a patched module: clean it first
+                m.__dict__["config"] = m.__dict__.pop("_vg_original_config")
+                m.__dict__.pop("_vg_takeover", None)
             cfg = m.config
             new = copy.copy(cfg)
             # Set the storage directly: the property setter would also walk sub-configs.
@@ -395,6 +415,7 @@ class Takeover:
             self._saved.append((m, cfg))
             m.__dict__["config"] = new
             m.__dict__["_vg_takeover"] = self
+            m.__dict__["_vg_original_config"] = cfg
             self._slot[id(m)] = (i, cfg)
         return self
 
@@ -402,9 +423,15 @@ class Takeover:
         for m, cfg in reversed(self._saved):
             m.__dict__["config"] = cfg
             m.__dict__.pop("_vg_takeover", None)
+            m.__dict__.pop("_vg_original_config", None)
         self._saved.clear()
         self._slot.clear()
         self.plan = None
+
+    def __deepcopy__(self, memo):
+        # A deep copy of a patched model is not patched: its modules keep their original
+        # config beside the patched one and run it (see vg_attention).
+        return None
 
     # -- the attention function
     def attend(self, module, query, key, value, mask, scaling, dropout, kwargs):
@@ -465,17 +492,7 @@ class Takeover:
         return out, weights
 
     def _original(self, module, cfg, query, key, value, mask, scaling, dropout, kwargs):
-        """The layer's own implementation, run with its own config (``flash_attention_*``
-        read ``module.config``)."""
-        if cfg._attn_implementation == ATTN_KEY:  # the model's own implementation is ours
-            return plain_attention(module, query, key, value, mask, scaling, dropout, kwargs, self.backend)
-        fn = original_function(module, cfg._attn_implementation)
-        patched = module.__dict__["config"]
-        module.__dict__["config"] = cfg
-        try:
-            return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-        finally:
-            module.__dict__["config"] = patched
+        return run_original(module, cfg, query, key, value, mask, scaling, dropout, kwargs, self.backend)
 
     @staticmethod
     def _problem(module, plan, B, Sq, Sk, dropout, kwargs) -> Optional[str]:

@@ -306,3 +306,29 @@ def test_several_images_capture_passes_through_others_are_captured():
     assert bool(torch.isnan(vg.maps[1]).all()) and not bool(torch.isnan(vg.maps[0]).any())
     single = make_inputs("tiny-llava", proc, PROMPTS[:1], SIZES[:1])
     torch.testing.assert_close(vg.maps[0], _maps_of(model, single)[0], **MAP_TOL)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-splice"])
+def test_deep_copy_of_a_patched_model_is_an_unpatched_model(name):
+    """transformers' own tests deep-copy models: the copy runs (and generates) exactly as the
+    unpatched model, the original stays patched, and either can be patched again."""
+    import copy
+
+    model, proc, _ = models(name)
+    inp = make_inputs(name, proc, PROMPTS[:1], SIZES[:1])
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    base = logits_of(model, inp)
+    with torch.no_grad():
+        want = model.generate(**inp, **kw)
+    with patch_model(model, capture="all", backend=BACKEND) as vg:
+        twin = copy.deepcopy(model)
+        assert torch.equal(logits_of(twin, inp), base)
+        with torch.no_grad():
+            assert torch.equal(twin.generate(**inp, **kw), want)
+        assert vg.calls == {}  # the copy never called into the original's takeover
+        logits_of(model, inp)
+        assert not torch.isnan(vg.maps).any()
+        with patch_model(twin, capture="all", backend=BACKEND) as vg_twin:
+            assert torch.equal(logits_of(twin, inp), base)
+        torch.testing.assert_close(vg_twin.maps, vg.maps, **MAP_TOL)
+    assert torch.equal(logits_of(twin, inp), base) and torch.equal(logits_of(model, inp), base)
