@@ -104,3 +104,43 @@ def test_properties_hold_for_any_row(values, data):
         return
     assert m.kl >= -1e-6 and -1e-7 <= m.js <= math.log(2) + 1e-6 and m.ar >= 0
     np.testing.assert_allclose([m.ar.item(), m.kl.item(), m.js.item()], [ar, kl, js], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_marks_tokens_a_row_does_not_have(backend, gen):
+    """vg.maps pads a batch of different image sizes with NaN: a padded row's metrics equal
+    those of the row cut to its own N (AR's N included)."""
+    B, N = 4, 37
+    attn = torch.rand(B, 3, N, generator=gen)
+    ref = torch.rand(B, 3, N, generator=gen) + 0.1
+    mask = torch.rand(B, 1, N, generator=gen) > 0.6
+    ns = [37, 20, 5, 31]
+    padded, pref, pmask = attn.clone(), ref.clone(), mask.clone()
+    for b, n in enumerate(ns):
+        padded[b, :, n:] = float("nan")
+        pref[b, :, n:] = float("nan")
+        pmask[b, :, n:] = False
+    got = vg.grounding_metrics(padded, pmask, reference=pref, backend=backend)
+    for b, n in enumerate(ns):
+        want = vg.grounding_metrics(attn[b, :, :n], mask[b, :, :n], reference=ref[b, :, :n], backend="torch")
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g[b], w, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_bad_attention_values_raise():
+    a = torch.tensor([[0.2, 0.3, 0.5]])
+    m = torch.tensor([[True, False, False]])
+    with pytest.raises(ValueError, match="attn: expected probabilities >= 0, got negative"):
+        vg.grounding_metrics(-a, m, backend="torch")  # today -P gave the same AR/KL as P
+    with pytest.raises(ValueError, match="attn: expected finite values, got inf"):
+        vg.grounding_metrics(torch.tensor([[0.2, float("inf"), 0.5]]), m, backend="torch")
+    with pytest.raises(ValueError, match="attn: NaN on a ground-truth token"):
+        vg.grounding_metrics(torch.tensor([[float("nan"), 0.3, 0.5]]), m, backend="torch")
+    with pytest.raises(ValueError, match="reference: expected finite values > 0"):
+        vg.grounding_metrics(a, m, reference=torch.tensor([[1.0, 0.0, 1.0]]), backend="torch")
+    with pytest.raises(ValueError, match="reference: expected finite values > 0"):
+        vg.grounding_metrics(a, m, reference=torch.tensor([[1.0, float("inf"), 1.0]]), backend="torch")
+    # a reference NaN where attn is NaN too (both padded) is fine
+    r = vg.grounding_metrics(torch.tensor([[0.2, 0.8, float("nan")]]), m,
+                             reference=torch.tensor([[1.0, 2.0, float("nan")]]), backend="torch")
+    assert bool(torch.isfinite(r.ar).all())

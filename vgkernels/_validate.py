@@ -296,8 +296,19 @@ def check_capture_from_lse(q_row, k, lse_row, key_start, length, softmax_scale, 
     return CaptureFromLseArgs(q_row, k, lse_row.to(k.device, non_blocking=True), ks, int(length), scale, keep)
 
 
-def check_metrics(attn, mask, reference):
-    """Returns ``(attn, mask, reference)`` as floating tensors and the row shape."""
+class MetricsArgs(NamedTuple):
+    attn: torch.Tensor
+    mask: torch.Tensor
+    reference: Optional[torch.Tensor]
+    padded: bool  # some entries of attn are NaN: tokens their row does not have
+
+
+def check_metrics(attn, mask, reference) -> MetricsArgs:
+    """``(attn, mask, reference)`` as tensors on attn's device, and whether attn holds NaN
+    padding. Values are checked in one host read: attention must be finite and >= 0
+    where present (NaN marks a token a row does not have, e.g. ``vg.maps`` beyond a
+    sample's ``N``, and must lie outside the mask), the reference finite and > 0 where
+    the attention is present."""
     if not isinstance(attn, torch.Tensor):
         attn = torch.as_tensor(attn)
     if attn.dim() < 1:
@@ -330,7 +341,25 @@ def check_metrics(attn, mask, reference):
         if rshape != attn.shape:
             raise ValueError(f"reference: shape {_shape(reference)} would broadcast attn {_shape(attn)} "
                              f"to {tuple(rshape)}; expected it to broadcast to attn's shape")
-    return attn, mask, reference
+    if torch.compiler.is_compiling() or attn.numel() == 0:
+        return MetricsArgs(attn, mask, reference, False)
+    nan = torch.isnan(attn)
+    present = ~nan
+    flags = [(attn < 0).any(), torch.isinf(attn).any(), (nan & (mask != 0)).any(), nan.any()]
+    if reference is not None:
+        flags += [(present & ~(reference > 0)).any(), (present & torch.isinf(reference)).any()]
+    neg, inf, nan_in_mask, padded, *ref = torch.stack(flags).tolist()
+    if neg:
+        raise ValueError(f"attn: expected probabilities >= 0, got negative values (min {float(attn[present].min()):.4g})")
+    if inf:
+        raise ValueError("attn: expected finite values, got inf")
+    if nan_in_mask:
+        raise ValueError("attn: NaN on a ground-truth token (mask != 0); NaN may only mark tokens a row does not have "
+                         "(vg.maps beyond a sample's N), outside the mask")
+    if ref and (ref[0] or ref[1]):
+        raise ValueError("reference: expected finite values > 0 wherever attn is present, got "
+                         + ("values <= 0 or NaN" if ref[0] else "inf"))
+    return MetricsArgs(attn, mask, reference, bool(padded))
 
 
 def check_heads(heads, L: int, H: int) -> list[tuple[int, int]]:

@@ -93,8 +93,23 @@ def grounding_metrics(
     - ``JS = ½ Σ Â log(Â/R) + ½ Σ M̂ log(M̂/R)``, ``R = (Â+M̂)/2``, in ``[0, ln 2]``
 
     Each row is normalised on its own; a row with ``Σm = 0`` or ``Σa = 0`` is NaN.
+    NaN in ``attn`` marks a token its row does not have (``vg.maps`` pads a batch of
+    different image sizes with NaN): it must lie outside the mask and counts in no sum
+    and not in ``N``. Negative or infinite attention, NaN on a mask token, and a
+    reference that is not finite and > 0 where attention is present raise ``ValueError``
+    (one host read for all the checks).
     Returns :class:`GroundingMetrics` of float32 tensors shaped ``attn.shape[:-1]``.
     """
-    attn, mask, reference = check_metrics(attn, mask, reference)
+    args = check_metrics(attn, mask, reference)
+    attn, mask, reference = args.attn, args.mask, args.reference
     mod = _dispatch.get(backend, attn.device, "grounding_metrics")
-    return mod.grounding_metrics(attn, mask, reference, float(eps))
+    if not args.padded:
+        return mod.grounding_metrics(attn, mask, reference, float(eps))
+    # NaN marks tokens a row does not have: they leave every sum (zero attention, reference
+    # 1) and the row's N, which only AR reads: AR over the present tokens is
+    # AR(zero-filled) * N_present / N.
+    present = ~torch.isnan(attn)
+    res = mod.grounding_metrics(torch.where(present, attn, 0.0), mask, None if reference is None else
+                                torch.where(present, reference, 1.0), float(eps))
+    frac = present.sum(-1).to(torch.float32) / attn.shape[-1]
+    return GroundingMetrics(res.ar * frac, res.kl, res.js)
