@@ -275,16 +275,29 @@ class VGHandle:
     def _generate(self, orig, args, kwargs):
         if not self.active:
             return orig(*args, **kwargs)
-        if self._gen_depth == 0:
+        outer = self._gen_depth == 0
+        if outer:
             self._gen_forwards = 0
             self._gen_record = self.shim.observe(args, kwargs)
+            self._reset()
         self._gen_depth += 1
         try:
-            return orig(*args, **kwargs)
+            out = orig(*args, **kwargs)
         finally:
             self._gen_depth -= 1
-            if self._gen_depth == 0:
-                self._gen_record = None
+            if outer:
+                record, self._gen_record = self._gen_record, None
+        if outer and self._gen_forwards == 0:
+            # generate() ran the model compiled: no hook ran eagerly, nothing was captured
+            ids = record.get("input_ids") if record else None
+            B = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
+            self._skip_call(B, "the forward ran compiled (torch.compile); capture and knockout run only in an "
+                               "eager forward")
+        return out
+
+    def _reset(self) -> None:
+        self.skipped, self.layout, self._prompt, self._expand = [], [], None, 1
+        self._rows, self._shape = None, None
 
     def __deepcopy__(self, memo):
         # A deep copy of the patched model gets the hooks and generate wrappers of a handle
@@ -293,7 +306,7 @@ class VGHandle:
 
     # -- hooks
     def _outer_pre_hook(self, module, args, kwargs):
-        if not self.active:
+        if torch.compiler.is_compiling() or not self.active:
             return None
         rec = self.shim.observe(args, kwargs)
         if rec is not None:
@@ -301,7 +314,7 @@ class VGHandle:
         return None
 
     def _decoder_pre_hook(self, module, args, kwargs):
-        if not self.active:
+        if torch.compiler.is_compiling() or not self.active:
             return None
         x = kwargs.get("inputs_embeds")
         if x is None:
@@ -347,14 +360,12 @@ class VGHandle:
 
     def _prompt_call(self, B, Sq, past, static, cache, args, kwargs, device) -> None:
         record = self._record(past)
-        self.skipped, self.layout, self._prompt, self._expand = [], [], None, 1
-        self._rows, self._shape = None, (B, 0)
+        self._reset()
+        self._shape = (B, 0)
         ko = self._knockout
         total = past + Sq
         reason = None
-        if torch.compiler.is_compiling():
-            reason = "the forward is being compiled (torch.compile); capture runs eagerly only"
-        elif static:
+        if static:
             reason = (f"the KV cache is a {type(cache).__name__}, not a dynamic cache (positions must be cache "
                       "columns: use a dynamic KV cache)")
         else:
@@ -481,6 +492,7 @@ class VGHandle:
     def _skip_call(self, B: int, reason: str) -> None:
         self._note(None, reason, raise_for_knockout=True)
         self.layout = [None] * B
+        self._shape = (B, 0)
 
     def _note(self, sample, reason: str, raise_for_knockout: bool) -> None:
         where = "the call" if sample is None else f"sample {sample}"

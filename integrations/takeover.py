@@ -46,6 +46,7 @@ copy. Positions are absolute cache columns; the call's query row ``i`` sits at
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -74,10 +75,16 @@ def vg_attention(module, query, key, value, attention_mask, scaling=None, dropou
 
     A module that no takeover owns (a model loaded with ``attn_implementation="vgkernels"``)
     gets plain causal attention from the vgkernels kernel."""
+    own = module.__dict__.get("_vg_original_config")
+    if torch.compiler.is_compiling():
+        # A compiled forward: the layer runs its own implementation and reads no state (a
+        # guard on mutable state would recompile every call). The handle notes it eagerly.
+        if own is not None:
+            return run_original(module, own, query, key, value, attention_mask, scaling, dropout, kwargs)
+        return plain_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     owner = module.__dict__.get("_vg_takeover")
     if owner is not None:
         return owner.attend(module, query, key, value, attention_mask, scaling, dropout, kwargs)
-    own = module.__dict__.get("_vg_original_config")
     if own is not None:  # a deep copy of a patched module: it behaves as the unpatched one
         return run_original(module, own, query, key, value, attention_mask, scaling, dropout, kwargs)
     return plain_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs)
@@ -253,12 +260,31 @@ class CallPlan:
     capture: Optional[CaptureRows] = None
     band: Optional[Band] = None
     _kpm: tuple = field(default=(None, None))
-    _row_keys: Optional[torch.Tensor] = None
+    _row_keys: dict = field(default_factory=dict)
+    _views: dict = field(default_factory=dict)
 
     def key_padding(self, mask, B: int, Sk: int):
         if self._kpm[0] is not mask or self._kpm[0] is None:
             self._kpm = (mask, key_padding(mask, B, Sk))
         return self._kpm[1]
+
+    def view(self, device) -> tuple:
+        """``(capture, band)`` with their tensors on ``device`` (a model split over devices
+        runs its layers where their weights are); copies are made once per device and
+        share the capture's maps."""
+        if device not in self._views:
+            self._views[device] = (_moved(self.capture, device), _moved(self.band, device))
+        return self._views[device]
+
+
+def _moved(obj, device):
+    if obj is None:
+        return None
+    changes = {f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
+               if isinstance(getattr(obj, f.name), torch.Tensor) and f.name != "maps"}
+    if isinstance(obj, Band):
+        changes["knockout"] = Knockout(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in obj.knockout))
+    return dataclasses.replace(obj, **changes)
 
 
 @dataclass
@@ -442,6 +468,9 @@ class Takeover:
         band = plan.band if plan is not None and plan.band is not None and li in plan.band.layers else None
         if cap is None and band is None:
             return self._original(module, cfg, query, key, value, mask, scaling, dropout, kwargs)
+        cap, band = plan.view(query.device)
+        cap = cap if cap is not None and li in cap.slots else None
+        band = band if band is not None and li in band.layers else None
         B, Hq, Sq, D = query.shape
         Sk = key.shape[2]
         problem = self._problem(module, plan, B, Sq, Sk, dropout, kwargs)
@@ -488,7 +517,7 @@ class Takeover:
                         row_probs = torch.where(sel, band_probs, row_probs)
                     probs = row_probs
         if cap is not None:
-            self._store(cap, li, probs)
+            self._store(plan.capture, li, probs)
         return out, weights
 
     def _original(self, module, cfg, query, key, value, mask, scaling, dropout, kwargs):
@@ -500,12 +529,7 @@ class Takeover:
             return (f"the layer got batch {B}, {Sq} queries over {Sk} keys but the call was planned for batch "
                     f"{plan.B}, {plan.sq} queries over {plan.sk} keys; a static or sliding-window cache breaks "
                     "the position = cache column convention (use a dynamic KV cache)")
-        problem = _layer_problem(module, dropout, kwargs)
-        if problem is not None:
-            return problem
-        if torch.compiler.is_compiling():
-            return "the forward is being compiled (torch.compile)"
-        return None
+        return _layer_problem(module, dropout, kwargs)
 
     def _capture_failed(self, li: int, reason: str) -> None:
         if self.on_problem is not None:
@@ -531,13 +555,13 @@ class Takeover:
     def _row_capture(self, kernels, q, k, v, kpm, scale, plan, cap):
         """``(B, Hq, n)``: each captured row's probabilities, from a one-row kernel call."""
         B = q.shape[0]
-        if plan._row_keys is None:
+        if q.device not in plan._row_keys:
             cols = torch.arange(plan.sk, device=q.device)
             allowed = cols[None, :] <= cap.limit[:, None]
-            plan._row_keys = (allowed if kpm is None else allowed & kpm).contiguous()
+            plan._row_keys[q.device] = (allowed if kpm is None else allowed & kpm).contiguous()
         q_row = q[torch.arange(B, device=q.device), cap.rel][:, None]  # (B, 1, Hq, D)
         last = torch.full((B,), plan.sk - 1, dtype=torch.long, device=q.device)
-        _, _, probs = kernels.attention(q_row, k, v, True, scale, plan._row_keys, None,
+        _, _, probs = kernels.attention(q_row, k, v, True, scale, plan._row_keys[q.device], None,
                                         Capture(last, cap.win, cap.n), True)
         return probs
 
@@ -608,10 +632,13 @@ class Takeover:
         return torch.cat([weights[:, :, :r0], new, weights[:, :, r1:]], dim=2)
 
     def _store(self, cap: CaptureRows, li: int, probs: torch.Tensor) -> None:
+        """Write one layer's ``probs (B, H, n)`` (window order) into ``cap.maps`` (row-major,
+        NaN where invalid), on the device of the capture's first layer."""
         B, H, _ = probs.shape
         if cap.maps is None:
             L = max(cap.slots.values()) + 1
-            cap.maps = torch.full((B, L, H, cap.n), _NAN, dtype=torch.float32, device=probs.device)
+            cap.maps = torch.full((B, L, H, cap.n), _NAN, dtype=torch.float32, device=cap.gather.device)
+        probs = probs.to(cap.maps.device, non_blocking=True)
         row = torch.gather(probs.float(), 2, cap.gather[:, None, :].expand(B, H, cap.n))
         cap.maps[:, cap.slots[li]] = torch.where(cap.valid[:, None, :], row, _NAN)
 

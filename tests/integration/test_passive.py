@@ -153,22 +153,36 @@ def test_packed_sequences_pass_through():
 
 
 def test_compiled_forward_passes_through():
+    """Under torch.compile a patched layer runs its own implementation and touches no
+    state (no recompilation): a compiled generate() (its prefill runs eagerly on a static
+    cache) gives the unpatched tokens and says why in vg.skipped; a compiled forward leaves
+    the handle alone. A knockout refuses."""
+    from transformers import CompileConfig
+
     model, proc, _ = models("tiny-llava")
     inp = make_inputs("tiny-llava", proc, PROMPTS[:1], SIZES[:1])
     want = logits_of(model, inp)
-    compiled = torch.compile(model.forward, backend="eager")
+    cc = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
+    cc._compile_all_devices = True
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, cache_implementation="static", compile_config=cc)
     torch._dynamo.reset()
     try:
+        with torch.no_grad():
+            plain = model.generate(**inp, **kw)
+            with patch_model(model, capture="all", backend=BACKEND) as vg, pytest.warns(UserWarning, match="Static"):
+                got = model.generate(**inp, **kw)
+        assert torch.equal(got, plain)
+        assert vg.skipped and "StaticCache" in vg.skipped[0][1] and bool(torch.isnan(vg.maps).all())
+        compiled = torch.compile(model.forward, backend="eager")
         with patch_model(model, capture="all", backend=BACKEND) as vg, torch.no_grad():
-            ctx = _quiet()
-            try:
-                got = compiled(**inp).logits
-            finally:
-                ctx.__exit__(None, None, None)
+            torch.testing.assert_close(compiled(**inp).logits, want, atol=0, rtol=0)
+        assert vg.maps is None and vg.calls == {}
+        keep = torch.ones(1, 16, dtype=torch.bool)
+        with patch_model(model, capture=None, knockout=KnockoutPlan([1], keep), backend=BACKEND):
+            with pytest.raises(ValueError, match="dynamic KV cache"), torch.no_grad():
+                model.generate(**inp, **kw)
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert vg.skipped and "compile" in vg.skipped[0][1]
 
 
 def test_output_attentions_are_what_the_model_returns(gen):

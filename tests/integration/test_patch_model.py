@@ -190,6 +190,7 @@ def test_only_chosen_layers_use_vgkernels(name, execution, monkeypatch):
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", spy)
     keep = torch.ones(1, expected_spans(name, model, inp)[0][0][1], dtype=torch.bool)
+    keep[0, ::2] = False  # a knockout that drops something (keep-all is left to the model)
     with patch_model(model, capture=[1], knockout=KnockoutPlan([2], keep), backend=BACKEND,
                      execution=execution) as vg:
         logits_of(model, inp)
