@@ -166,7 +166,7 @@ def plot_heads(path, head, title="", layers=None):
         if np.isfinite(mean).any():
             l, h = np.unravel_index(np.nanargmin(mean), mean.shape)
             ax.plot([l], [h], marker="*", color="red", ms=12, ls="")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax, fraction=0.046).set_label("mean KL (nats; lower = better grounded)")
     fig.suptitle(title or f"Mean KL per layer and head ({head.shape[0]} samples; star = best)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -199,7 +199,10 @@ def plot_overlays(path, out_dir, meta, recs, layer, n: int):
     plt = _plt()
     from matplotlib.patches import Rectangle
 
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(10, 3.3 * len(chosen)), squeeze=False)
+    # constrained layout keeps the suptitle, the axes titles, the captions and the colour
+    # bars apart (tight_layout ignores the suptitle, which then overlaps the first row)
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(11, 3.5 * len(chosen) + 0.6), squeeze=False,
+                             layout="constrained")
     for row, rec in zip(axes, chosen):
         maps_q, maps_ref, cells = read_maps(out_dir, rec, L, H)
         try:
@@ -209,12 +212,17 @@ def plot_overlays(path, out_dir, meta, recs, layer, n: int):
         width, height = (img.size if img is not None else tuple(rec.get("image_size") or (336, 336)))
         a = maps_q[best].mean(axis=0)
         ref = np.maximum(maps_ref[best].mean(axis=0), np.finfo(np.float32).tiny)
-        for ax, vals, kind in ((row[1], a, "question"), (row[2], a / ref, "÷ reference")):
+        for ax, vals, kind, unit in ((row[1], a, "question", "attention / its max over the image"),
+                                     (row[2], a / ref, "÷ reference", "(question / reference) / its max")):
             if img is not None:
                 ax.imshow(img)
             canvas = _paint(cells, vals / np.nanmax(vals), width, height)
-            ax.imshow(canvas, cmap="jet", alpha=0.5 if img is not None else 1.0, extent=(0, width, height, 0))
+            im = ax.imshow(canvas, cmap="jet", alpha=0.5 if img is not None else 1.0, extent=(0, width, height, 0),
+                           vmin=0.0, vmax=1.0)
             ax.set_title(f"layer {best_name}, {kind}", fontsize=9)
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            cb.set_label(unit, fontsize=7)
+            cb.ax.tick_params(labelsize=7)
         if img is not None:
             row[0].imshow(img)
         row[0].set_title(rec["question"][:60], fontsize=8)
@@ -223,12 +231,15 @@ def plot_overlays(path, out_dir, meta, recs, layer, n: int):
                 ax.add_patch(Rectangle((x, y), w, h, fill=False, ec="red", lw=1.5))
             ax.set_xlim(0, width)
             ax.set_ylim(height, 0)
-            ax.axis("off")
+            # no ticks or frame, but keep the x label (the sample's caption) visible
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
         i = rec["row"]
-        row[0].text(0, height * 1.08, f"KL {layer[i, 1, best]:.2f}  KL/ref {layer[i, 4, best]:.2f}  "
-                    f"AR/ref {layer[i, 3, best]:.2f}", fontsize=8, va="top")
+        row[0].set_xlabel(f"KL {layer[i, 1, best]:.2f}  KL/ref {layer[i, 4, best]:.2f}  "
+                          f"AR/ref {layer[i, 3, best]:.2f}", fontsize=8)
     fig.suptitle("Last-token attention over the image (red: ground-truth boxes)")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return len(chosen)
@@ -237,7 +248,7 @@ def plot_overlays(path, out_dir, meta, recs, layer, n: int):
 def write_report(out_dir: str, *, overlays: int = 6, group_by=None) -> dict:
     """Tables and plots of a merged sweep; returns the written paths and the layer text."""
     meta, recs, head, layer = load_results(out_dir)
-    fields = breakdown_fields(recs) if group_by is None else list(group_by)
+    fields = breakdown_fields(recs) if group_by is None else check_group_by(recs, group_by)
     layers = meta.get("layers")
     text = write_tables(out_dir, recs, head, layer, fields, layers)
     pdir = os.path.join(out_dir, "plots")
@@ -259,15 +270,35 @@ def write_report(out_dir: str, *, overlays: int = 6, group_by=None) -> dict:
     return {"paths": paths, "text": text}
 
 
+def check_group_by(recs, group_by) -> list:
+    """``group_by`` fields, each of which at least one sample carries; else UsageError
+    listing the fields there are."""
+    from ..clitools import UsageError
+
+    have = sorted({k for r in recs for k in r["fields"]})
+    missing = [f for f in group_by if f not in have]
+    if missing:
+        raise UsageError(f"--group-by: no sample has the field(s) {missing}; the samples carry "
+                         f"{have or 'no fields'}")
+    return list(group_by)
+
+
 def add_arguments(p):
     p.add_argument("--sweep", required=True, help="the --out directory of a finished sweep")
     p.add_argument("--overlays", type=int, default=6, help="samples to draw in overlays.png")
-    p.add_argument("--group-by", action="append", default=None, help="carried field to break down by")
+    p.add_argument("--group-by", action="append", default=None,
+                   help="carried field to break down by (repeatable; default: every field with 2-20 values)")
 
 
 def run(args) -> int:
+    from ..clitools import UsageError, logger
+
+    try:
+        load_results(args.sweep)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     res = write_report(args.sweep, overlays=args.overlays, group_by=args.group_by)
-    print(res["text"])
+    logger.info(res["text"])
     for k, v in res["paths"].items():
-        print(f"{k}: {v}")
+        logger.info(f"{k}: {v}")
     return 0
