@@ -68,6 +68,10 @@ def test_second_run_on_a_locked_folder_fails_at_once_naming_the_holder(tmp_path,
         assert f"is in use by pid {holder.pid}" in err and len(err.strip().splitlines()) == 1
         assert main(["refine", "--demo", "2", "--out", str(out)]) == 1
         assert f"pid {holder.pid}" in capsys.readouterr().err
+        # nor do heads and report read or write a folder while a run holds it
+        for argv in (["heads", "--sweep", str(out)], ["report", "--sweep", str(out)]):
+            assert main(argv) == 1
+            assert f"pid {holder.pid}" in capsys.readouterr().err
         assert time.perf_counter() - t0 < 20  # no model was loaded
         assert not (out / "meta.json").exists() and not (out / "run.json").exists()
     finally:

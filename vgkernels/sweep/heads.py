@@ -100,8 +100,13 @@ MODEL_KEYS = ("model", "model_type", "family", "num_layers", "num_heads", "hidde
 def run(args) -> int:
     from ..clitools import logger
 
+    from ..outdir import OutputLock
+
+    if not os.path.isdir(args.sweep):
+        raise UsageError(f"--sweep: {args.sweep!r} is not a folder; expected the --out folder of a sweep")
     try:
-        meta, recs, head, _ = load_results(args.sweep)
+        with OutputLock(args.sweep):  # not while a sweep is writing (merging) this folder
+            meta, recs, head, _ = load_results(args.sweep)
         where = _parse_where(args.where)
     except ValueError as e:
         raise UsageError(str(e)) from None

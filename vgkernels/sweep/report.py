@@ -292,12 +292,16 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ..clitools import UsageError, logger
+    from ..outdir import OutputLock
 
-    try:
-        load_results(args.sweep)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    res = write_report(args.sweep, overlays=args.overlays, group_by=args.group_by)
+    if not os.path.isdir(args.sweep):
+        raise UsageError(f"--sweep: {args.sweep!r} is not a folder; expected the --out folder of a sweep")
+    with OutputLock(args.sweep):  # not while a sweep is writing (merging) this folder
+        try:
+            load_results(args.sweep)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        res = write_report(args.sweep, overlays=args.overlays, group_by=args.group_by)
     logger.info(res["text"])
     for k, v in res["paths"].items():
         logger.info(f"{k}: {v}")
