@@ -167,6 +167,13 @@ def test_overwrite_deletes_only_folders_this_tool_created(tmp_path, capsys):
     legacy.mkdir()
     (legacy / "meta.json").write_text(json.dumps({"format_version": 1, "fingerprint": {}}))
     assert outdir.ownership(str(legacy)) == "ours"
+    demo = tmp_path / "old-demo"  # runs/demo of an earlier version: make demo must still recreate it
+    (demo / "data").mkdir(parents=True)
+    (demo / "sweep").mkdir()
+    (demo / "sweep" / "meta.json").write_text(json.dumps({"format_version": 1, "fingerprint": {}}))
+    assert outdir.ownership(str(demo)) == "ours"
+    (demo / "notes.txt").write_text("mine")
+    assert outdir.ownership(str(demo)) == "foreign"
     assert outdir.ownership(str(tmp_path / "absent")) == "absent"
 
 

@@ -5,9 +5,9 @@ Three rules keep a run from losing or corrupting work that is not its own:
 - **Ownership.** A folder that a command writes into carries :data:`MARKER`
   (``.vgkernels.json``: the tool, the command, when). A command starts in a folder that
   does not exist, is empty, carries the marker, or holds a run of an earlier version
-  (a sweep's ``meta.json``, a refine's ``run.json``); any other non-empty folder is
-  refused before anything is written into it. ``--overwrite`` (and ``demo --out``)
-  delete only a folder that carries the marker.
+  (a sweep's ``meta.json``, a refine's ``run.json``, a demo's ``data/`` and ``sweep/``);
+  any other non-empty folder is refused before anything is written into it.
+  ``--overwrite`` (and ``demo --out``) delete only such a folder.
 - **One run at a time.** :class:`OutputLock` takes an exclusive ``flock`` on
   ``OUT/.vgkernels.lock`` (``.vgkernels.r{rank}.lock`` for the other ranks under
   ``torchrun``) for the whole run and writes the holder (pid, host, command, start time)
@@ -168,6 +168,10 @@ def _entries(out_dir: str) -> list:
 
 
 def _legacy_run(out_dir: str) -> bool:
+    # a demo folder of an earlier version: data/ and sweep/ (a sweep) and nothing else
+    entries = set(_entries(out_dir))
+    if entries and entries <= {"data", "sweep"} and "sweep" in entries and _legacy_run(os.path.join(out_dir, "sweep")):
+        return True
     for name, keys in _LEGACY.items():
         p = os.path.join(out_dir, name)
         if os.path.isfile(p):

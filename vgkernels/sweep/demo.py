@@ -1,4 +1,4 @@
-"""``vgkernels demo`` (the default command): a complete grounding sweep, about a minute on a 2-core CPU.
+"""``vgkernels demo`` (the default command): a complete grounding sweep, under a minute on a 2-core CPU.
 
 1. Generates ``--n`` images — one coloured shape on grey or colour noise, its box known
    exactly — and a question file in the authors' format (``image`` id, ``label``,
@@ -25,7 +25,7 @@ from .datasets import LOCALISATION_TEMPLATES
 
 DEMO_MODEL = "tiny-llava:num_layers=8,num_heads=8,image_size=112"
 # How long the demo takes; the README's `make demo` paragraph says the same (a test checks).
-DEMO_DURATION = "about a minute on a 2-core CPU"
+DEMO_DURATION = "under a minute on a 2-core CPU"
 _COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 40)}
 _SHAPES = ("square", "circle", "triangle")
 
