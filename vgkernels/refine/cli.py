@@ -30,7 +30,7 @@ import os
 import sys
 from typing import Optional
 
-from ..clitools import RunError, UsageError, progress_enabled
+from ..clitools import RunError, UsageError, logger, progress_enabled
 
 RESULT_FIELDS = ("model", "data", "heads", "settings", "max_new_tokens", "reference_prompt", "seed", "dtype")
 
@@ -230,8 +230,6 @@ def _check_run_info(out: str, run_info: dict) -> None:
 
 def run(args) -> int:
     from .. import outdir
-    from ..clitools import logger
-    from ..sweep.command import check_first_batch, reject_summary
 
     if (args.data is None) == (args.demo is None):
         raise UsageError("give exactly one of --data FILE or --demo N")
@@ -241,13 +239,15 @@ def run(args) -> int:
         raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
     lock = outdir.claim(args.out, "refine", overwrite=args.overwrite)
     try:
-        return _run_locked(args, logger, check_first_batch, reject_summary)
+        return _run_locked(args)
     finally:
         lock.release()
 
 
-def _run_locked(args, logger, check_first_batch, reject_summary) -> int:
+def _run_locked(args) -> int:
     import torch
+
+    from ..sweep.command import check_first_batch, reject_summary
 
     from . import eval as RE
     from ..constants import REFERENCE_PROMPT
@@ -289,6 +289,7 @@ def _run_locked(args, logger, check_first_batch, reject_summary) -> int:
         raise UsageError(f"{e} (--heads defaults to 'huatuogpt-vision-7b' and --layers to 16; give heads and "
                          f"layers that exist in {model_name})") from None
     _check_run_info(args.out, run_info)  # every argument is valid: now the folder is this run's
+    logger.debug(f"refine settings: {run_info}")
     labels = ["baseline"] + [s.label() for s in settings]
 
     records = _read_records(rec_path)

@@ -417,6 +417,7 @@ def run(args) -> int:
             logger.info(f"{len(samples)} samples, {len(rejects)} rows rejected while parsing; model {bundle.name} "
                         f"({bundle.family}, {L} layers x {bundle.n_layers_heads()[1]} heads) on "
                         f"{bundle.placement()}; {info.world} rank(s)")
+        logger.debug(f"rank {info.rank}: layers {layers}, {workers} image worker(s), settings {fp}")
         log = logger.info if info.is_main else (lambda *a, **k: None)
         sweep(bundle, samples, args.out, parse_rejects=rejects, layers=layers, batch_size=args.batch_size,
               reference=args.reference_prompt, answer_suffix=args.answer_suffix or None, mask=args.mask,
