@@ -81,7 +81,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "flash": ["flash-attn"],
-        "sweep": ["pillow", "matplotlib", "tqdm"],
+        "sweep": ["pillow", "matplotlib", "tqdm", "pyarrow", "accelerate"],
     },
     entry_points={"console_scripts": ["vgkernels=vgkernels.cli:main"]},
     ext_modules=ext_modules,

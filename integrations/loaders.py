@@ -9,10 +9,12 @@ after a KV cache). A local directory is recognised by its ``config.json``'s
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -58,11 +60,19 @@ class ModelBundle:
         cfg = self.text_config()
         return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
 
+    def placement(self) -> str:
+        """Where the weights are: ``cpu``, ``cuda:0``, or ``device_map over cuda:0, cuda:1``."""
+        devices = model_devices(self.model)
+        if len(devices) <= 1:
+            return str(self.device)
+        return "device_map over " + ", ".join(devices)
+
 
 def parse_tiny(name: str):
     """``"tiny-llava:num_layers=8,num_heads=8"`` -> ``("tiny-llava", {"num_layers": 8, ...})``;
-    other names pass through with no sizes."""
-    from vgkernels.tiny import TINY_MODELS
+    other names pass through with no sizes. A keyword that is not one of the tiny
+    models' size keywords raises ``ValueError`` (a typo would otherwise be ignored)."""
+    from vgkernels.tiny import NAME_KEYWORDS, TINY_MODELS
 
     base, _, spec = name.partition(":")
     if base not in TINY_MODELS or not spec:
@@ -70,12 +80,17 @@ def parse_tiny(name: str):
     sizes = {}
     for part in spec.split(","):
         k, eq, v = part.partition("=")
-        if not eq:
+        k = k.strip()
+        if not eq or not k:
             raise ValueError(f"model: expected KEY=VALUE after ':' in {name!r}, got {part!r}")
+        if k not in NAME_KEYWORDS:
+            close = difflib.get_close_matches(k, NAME_KEYWORDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"model: unknown size keyword {k!r} in {name!r}{hint}; known: {', '.join(NAME_KEYWORDS)}")
         try:
-            sizes[k.strip()] = int(v)
+            sizes[k] = int(v)
         except ValueError:
-            sizes[k.strip()] = v.strip()
+            sizes[k] = v.strip()
     return base, sizes
 
 
@@ -88,17 +103,30 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
-               attn_implementation: Optional[str] = None, seed: int = 0, tiny_overrides: Optional[dict] = None
-               ) -> ModelBundle:
+               attn_implementation: Optional[str] = None, seed: int = 0, tiny_overrides: Optional[dict] = None,
+               device_map: Optional[Union[str, dict]] = None, max_memory: Optional[dict] = None,
+               offload_folder: Optional[str] = None) -> ModelBundle:
     """Load ``name``: a built-in tiny model or a local checkpoint directory.
 
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32
     on CPU; ``attn_implementation`` to the checkpoint's default (sdpa), which patched
     layers keep for their ordinary rows.
+
+    ``device_map`` (``"auto"`` or an explicit map, exclusive with ``device``) splits the
+    model over several devices through accelerate — layer by layer, one process — with
+    ``max_memory`` (``{gpu index or "cpu": bytes or "20GiB"}``) limiting each device;
+    modules that fit nowhere go to ``offload_folder`` on disk. The bundle's ``device`` is
+    then the one holding the input embeddings, where inputs are placed. Loading never
+    turns into tensor parallelism (see :func:`single_process_loading`).
     """
     from vgkernels.tiny import TINY_MODELS
 
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device_map is not None and device is not None:
+        raise ValueError(f"device and device_map are exclusive: got device={device!r} and device_map={device_map!r}")
+    if device_map is not None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = resolve_dtype(dtype, dev)
     base, sizes = parse_tiny(name)
     if base in TINY_MODELS:
@@ -110,6 +138,9 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
             kw.setdefault("attn_implementation", attn_implementation)
         model, proc = build_tiny(base, seed=seed, **kw)
         label = base + (":" + ",".join(f"{k}={v}" for k, v in sorted(sizes.items())) if sizes else "")
+        if device_map is not None:
+            model = dispatch(model.eval(), device_map, max_memory, offload_folder)
+            return ModelBundle(label, model, proc, input_device(model))
         return ModelBundle(label, model.to(dev).eval(), proc, dev)
     if not os.path.isdir(name):
         raise ValueError(f"model: {name!r} is neither a built-in tiny model ({sorted(TINY_MODELS)}) "
@@ -132,7 +163,20 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
     kw = {"dtype": dt} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dt}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    model = cls.from_pretrained(name, **kw).to(dev).eval()
+    if device_map is not None:
+        kw["device_map"] = device_map
+        if max_memory is not None:
+            kw["max_memory"] = max_memory
+        if offload_folder is not None:
+            kw["offload_folder"] = offload_folder
+    with single_process_loading():
+        model = cls.from_pretrained(name, **kw)
+    check_not_tensor_parallel(model, name)
+    if device_map is None:
+        model = model.to(dev)
+    model = model.eval()
+    if device_map is not None:
+        dev = input_device(model)
     try:
         proc = transformers.AutoProcessor.from_pretrained(name)
     except (OSError, ValueError, AttributeError, ImportError) as e:
@@ -141,4 +185,91 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
     return ModelBundle(os.path.abspath(name), model, proc, dev)
 
 
-__all__ = ["ModelBundle", "load_model", "parse_tiny", "resolve_dtype", "DEFAULT_MODEL"]
+# ----------------------------------------------------------------------------- several devices
+
+# What torchrun sets. transformers releases with tensor parallelism but before
+# huggingface/transformers#38942 (mid-2025) turned ``device_map="auto"`` into tensor
+# parallelism (DTensor weights sharded over every rank) when they saw WORLD_SIZE; 4.57
+# and 5.x only log a note ("You've set device_map=`auto` while triggering a distributed
+# run with torchrun"), but a data-parallel sweep whose ranks each hold a whole model must
+# never be sharded that way, whatever version is installed.
+_TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def single_process_loading():
+    """Hide torchrun's environment from ``from_pretrained``: each rank loads its own
+    complete copy (placed by ``device_map`` on its own GPUs), whatever transformers
+    would infer from ``WORLD_SIZE``. The variables are restored on exit."""
+    saved = {k: os.environ.pop(k) for k in _TORCHRUN_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def check_not_tensor_parallel(model, name: str = "model") -> None:
+    """Raise if ``model`` came back sharded by tensor parallelism (a device mesh, a TP
+    degree above 1, or DTensor weights): the sweep and VGRefine need whole layers."""
+    tp = getattr(model, "_tp_size", None)
+    mesh = getattr(model, "_device_mesh", None)
+    dtensor = None
+    try:
+        from torch.distributed.tensor import DTensor
+
+        dtensor = next((n for n, p in model.named_parameters() if isinstance(p, DTensor)), None)
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    if (tp is not None and int(tp) > 1) or mesh is not None or dtensor is not None:
+        raise RuntimeError(f"model: transformers loaded {name!r} with tensor parallelism (tp_size={tp}, "
+                           f"device mesh={mesh is not None}, first DTensor weight={dtensor}); vgkernels needs each "
+                           "process to hold whole layers: load with device_map (--device-map auto) and no tp_plan")
+
+
+def model_devices(model) -> list:
+    """Distinct devices of a model's weights, in order of first appearance ("disk" for
+    modules accelerate offloaded)."""
+    hf_map = getattr(model, "hf_device_map", None)
+    if hf_map:
+        seen = []
+        for d in hf_map.values():
+            d = d if isinstance(d, str) else (f"cuda:{d}" if isinstance(d, int) else str(d))
+            if d not in seen:
+                seen.append(d)
+        return seen
+    seen = []
+    for p in model.parameters():
+        d = str(p.device)
+        if d not in seen:
+            seen.append(d)
+    return seen
+
+
+def input_device(model) -> torch.device:
+    """The device of the input embeddings: where a split model wants its inputs."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if w is not None and w.device.type != "meta":
+        return w.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
+def dispatch(model, device_map, max_memory=None, offload_folder=None):
+    """Place a model built in memory (the tiny models) by ``device_map`` through
+    accelerate, as ``from_pretrained(device_map=...)`` places a checkpoint."""
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+    except ImportError:
+        raise ValueError("device_map needs accelerate (pip install accelerate)") from None
+    if isinstance(device_map, str):
+        if device_map != "auto":
+            raise ValueError(f"device_map: expected 'auto' or a dict, got {device_map!r}")
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=list(getattr(model, "_no_split_modules", None)
+                                                                        or []))
+    return dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
+
+
+__all__ = ["ModelBundle", "load_model", "parse_tiny", "resolve_dtype", "DEFAULT_MODEL", "single_process_loading",
+           "check_not_tensor_parallel", "model_devices", "input_device", "dispatch"]

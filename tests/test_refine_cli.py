@@ -110,8 +110,8 @@ def test_cli_sweep_records_summary_and_resume(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(VGRefine, "sweep", counting)
     monkeypatch.setenv("CRASH_SECOND", "1")
-    with pytest.raises(KeyboardInterrupt):
-        _run(out, "--data", data, "--sweep-p", "30,70", "--sweep-k", "1,4")
+    assert _run(out, "--data", data, "--sweep-p", "30,70", "--sweep-k", "1,4") == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
     first = _records(out)
     assert len(first) == 3 and calls == [3, 3]
     # a torn line, as left by a crash in the middle of a write
@@ -141,8 +141,9 @@ def test_cli_sweep_records_summary_and_resume(tmp_path, monkeypatch, capsys):
     assert _run(out, "--data", data, "--sweep-p", "30,70", "--sweep-k", "1,4") == 0
     assert calls == [] and len(_records(out)) == 8
     # different settings in the same folder are refused
-    with pytest.raises(SystemExit, match="different settings"):
-        _run(out, "--data", data, "--sweep-p", "50")
+    capsys.readouterr()
+    assert _run(out, "--data", data, "--sweep-p", "50") == 2
+    assert "holds a run with different settings" in capsys.readouterr().err
 
 
 def test_cli_demo_on_qwen(tmp_path, capsys):

@@ -52,20 +52,42 @@ def grid_layout(grid: tuple[int, int], image_size: tuple[int, int], key_start: i
 
 
 def _boxes_tensor(boxes) -> torch.Tensor:
-    t = torch.as_tensor(boxes, dtype=torch.float64)
+    try:
+        t = torch.as_tensor(boxes, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"boxes: expected [x, y, w, h] or a list of them, got {boxes!r} ({e})") from None
     if t.numel() == 0:
         return t.reshape(0, 4)
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2 or t.shape[1] != 4:
         raise ValueError(f"boxes: expected [x, y, w, h] or a list of them, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"boxes: expected finite numbers, got {t.tolist()}")
     if bool((t[:, 2:] < 0).any()):
         raise ValueError(f"boxes: widths and heights must be >= 0, got {t.tolist()}")
     return t
 
 
+def _check_inside(layout: ImageLayout, b: torch.Tensor) -> None:
+    """A box with no area in common with the image is an error (a wrong box or a wrong
+    image), when the layout knows the image's size. A box that sticks out of the image
+    is fine: the part inside counts."""
+    if layout.image_size is None:
+        return
+    w, h = (float(v) for v in layout.image_size)
+    x0, y0 = b[:, 0], b[:, 1]
+    x1, y1 = x0 + b[:, 2], y0 + b[:, 3]
+    outside = (x1 <= 0) | (y1 <= 0) | (x0 >= w) | (y0 >= h)
+    if bool(outside.any()):
+        bad = [[round(float(c), 3) for c in row] for row in b[outside].tolist()]
+        raise ValueError(f"boxes: {bad} ([x, y, w, h]) lie entirely outside the image of "
+                         f"{int(w)}x{int(h)} pixels (width x height)")
+
+
 def _one_mask(layout: ImageLayout, boxes) -> torch.Tensor:
     b = _boxes_tensor(boxes)
+    _check_inside(layout, b)
     cells = layout.cells
     if b.shape[0] == 0:
         return torch.zeros(layout.N, dtype=torch.bool)
@@ -87,6 +109,11 @@ def box_mask(
     With one :class:`ImageLayout` and a list of boxes: ``(N,)`` bool. With a sequence of
     layouts (``vg.layout``) and one box list per sample: ``(B, max N)`` bool, False past
     each sample's ``N``.
+
+    Raises ``ValueError`` for a box with a NaN or infinite coordinate, a negative width
+    or height, or (when the layout knows ``image_size``) no area inside the image. A box
+    inside the image that no token covers (cut away by a centre crop) gives an empty
+    mask: :func:`visible_region` tells what the tokens cover.
     """
     if isinstance(layout, ImageLayout):
         return _one_mask(layout, boxes)
@@ -99,6 +126,17 @@ def box_mask(
     for i, (lay, bx) in enumerate(zip(layouts, boxes)):
         out[i, : lay.N] = _one_mask(lay, bx)
     return out
+
+
+def visible_region(layout: ImageLayout):
+    """``(x0, y0, x1, y1)``: the bounding box, in original-image pixels, of the cells of
+    the tokens that have a place (what the model sees of the image), or None."""
+    c = layout.cells
+    ok = torch.isfinite(c).all(dim=1)
+    if not bool(ok.any()):
+        return None
+    c = c[ok]
+    return (float(c[:, 0].min()), float(c[:, 1].min()), float(c[:, 2].max()), float(c[:, 3].max()))
 
 
 def gt_tokens_mask(gt_tokens: Sequence[Sequence[int]], grid: tuple[int, int] = OFFICIAL_GRID) -> torch.Tensor:

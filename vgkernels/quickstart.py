@@ -11,7 +11,7 @@ import vgkernels as vg
 
 
 def add_arguments(p):
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tensors (default 0)")
     p.add_argument("--backend", default="auto", help="auto | triton | cuda | torch")
 
 

@@ -71,6 +71,9 @@ _SIZE_KEYS = (
     "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
     "max_position_embeddings", "attn_implementation", "image_size", "dtype",
 )
+# Keywords a model name may carry (``tiny-llava:num_layers=8``): the sizes but the dtype,
+# which the commands set with --dtype.
+NAME_KEYWORDS = tuple(k for k in _SIZE_KEYS if k != "dtype")
 
 
 def _tf_major() -> int:
@@ -799,7 +802,33 @@ def build_tiny(name: str, seed: int = 0, **overrides):
     """
     if name not in _BUILDERS:
         raise ValueError(f"build_tiny: unknown model {name!r}; expected one of {list(TINY_MODELS)}")
+    _check_overrides(name, overrides)
     return _BUILDERS[name](seed, **overrides)
+
+
+# The transformers config each HF-class tiny model passes its other keywords to, and the
+# keywords a builder reads itself. Config classes accept any keyword, so a typo
+# ("num_layer") would otherwise be stored and ignored.
+_CONFIG_OF = {"tiny-llava": "LlavaConfig", "tiny-llava-next": "LlavaNextConfig", "tiny-qwen2-vl": "Qwen2VLConfig",
+              "tiny-qwen2.5-vl": "Qwen2_5_VLConfig"}
+_BUILDER_KEYS = {"tiny-llava-next": ("image_grid_pinpoints",), "tiny-qwen2-vl": ("min_pixels", "max_pixels"),
+                 "tiny-qwen2.5-vl": ("min_pixels", "max_pixels")}
+
+
+def _check_overrides(name: str, overrides: dict) -> None:
+    import inspect
+
+    rest = [k for k in overrides if k not in _SIZE_KEYS and k not in _BUILDER_KEYS.get(name, ())]
+    if not rest or name not in _CONFIG_OF:
+        return
+    import transformers
+
+    cls = getattr(transformers, _CONFIG_OF[name])
+    known = set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict())
+    bad = sorted(k for k in rest if k not in known)
+    if bad:
+        raise ValueError(f"build_tiny: unknown keyword(s) {bad} for {name}: expected size keywords "
+                         f"{list(_SIZE_KEYS)} or fields of transformers.{_CONFIG_OF[name]}")
 
 
 def test_image(width: int, height: int, seed: int = 0):

@@ -11,11 +11,16 @@ paper's prompt templates). Every setting of the ``K × p × layers`` grid is eva
 one capture per batch (:meth:`vgkernels.VGRefine.sweep`), next to plain greedy decoding
 ("baseline").
 
-``OUT`` holds ``run.json`` (the arguments that fix the results), ``records.jsonl`` (one
-line per question: responses and correctness per method, the number of kept image
-tokens), ``summary.json`` and ``summary.md`` (accuracy overall, by kind and by gold option
-letter). A run that stops (crash, Ctrl-C) resumes from ``records.jsonl`` when started
+``OUT`` holds ``run.json`` (the arguments that fix the results, written once they have
+all been validated), ``records.jsonl`` (one line per question: responses and correctness
+per method, the number of kept image tokens), ``summary.json`` and ``summary.md``
+(accuracy overall, by kind and by gold option letter), ``accuracy.csv`` (one row per
+method) and, for a K / p / layer sweep, ``accuracy.png`` (accuracy against each swept
+value), and ``rejects.jsonl`` (rows that could not be used: malformed rows stay
+rejected; questions whose image is missing or unreadable are tried again by the next
+run). A run that stops (crash, Ctrl-C) resumes from ``records.jsonl`` when started
 again with the same arguments: finished questions are neither recomputed nor duplicated.
+``OUT`` is locked while a run writes it (see :mod:`vgkernels.outdir`).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import json
 import os
 import sys
 from typing import Optional
+
+from ..clitools import RunError, UsageError, logger, progress_enabled
 
 RESULT_FIELDS = ("model", "data", "heads", "settings", "max_new_tokens", "reference_prompt", "seed", "dtype")
 
@@ -35,26 +42,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="evaluation JSONL: image, question, answer[, options, id]")
     p.add_argument("--demo", type=int, default=None, metavar="N",
                    help="generate N rows of synthetic data into OUT/demo_data and evaluate them")
-    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or one this tool created (resumable; one run at a time)")
     p.add_argument("--heads", default="huatuogpt-vision-7b",
                    help="preset name, heads.json path, or pairs 'layer:head,layer:head,...' ranked best first")
+    p.add_argument("--heads-from-any-model", action="store_true",
+                   help="accept a heads.json ranked on a model of another name (its layer and head counts must "
+                        "still match this model's)")
     p.add_argument("--layers", default="16", help="knockout layers, e.g. 16 or 34,35,36")
     p.add_argument("--k", type=int, default=None, help="top-K heads (default: all given)")
     p.add_argument("--p", type=float, default=50.0, help="percentile threshold (default 50)")
-    p.add_argument("--mode", default="renorm", choices=("renorm", "zero"))
+    p.add_argument("--mode", default="renorm", choices=("renorm", "zero"),
+                   help="knockout: renorm (-inf before the softmax, the authors' code) or zero (probabilities "
+                        "zeroed, not renormalised); default renorm")
     p.add_argument("--sweep-k", default=None, help="comma-separated K values (replaces --k)")
     p.add_argument("--sweep-p", default=None, help="comma-separated percentiles (replaces --p)")
     p.add_argument("--sweep-layers", default=None, help="layer sets separated by ';', e.g. '16;34,35,36'")
     p.add_argument("--reference-prompt", default=None, help="default: 'Write a general description of the image.'")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer length in tokens (default 8)")
+    p.add_argument("--batch-size", type=int, default=4, help="questions per batch (default 4)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float16, bfloat16, float32")
-    p.add_argument("--backend", default="auto", help="kernel backend of the knockout layers")
+    p.add_argument("--backend", default="auto", help="kernel backend of the knockout layers (default auto)")
+    from ..sweep.command import add_device_map_arguments
+
+    add_device_map_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of tiny weights and demo data")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results in OUT")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard earlier results: empties OUT, only if this tool created it (.vgkernels.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _ints(text: Optional[str], what: str) -> Optional[list]:
@@ -104,8 +121,53 @@ def build_settings(args) -> list:
 def _load_model(args):
     from vgkernels.integrations.loaders import load_model
 
-    b = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    place = {"device_map": args.device_map} if getattr(args, "device_map", None) else {"device": args.device}
+    b = load_model(args.model, dtype=args.dtype, seed=args.seed, **place)
     return b.model, b.processor, b.name
+
+
+def check_heads_file(spec, model, processor, model_name: str, *, any_model: bool = False) -> None:
+    """Refuse a ``heads.json`` ranked on another model: its ``num_layers``, ``num_heads``,
+    ``hidden_size`` and ``model_type`` (written by ``vgkernels heads``) must match the
+    loaded model's, and its ``model`` name too unless ``any_model``."""
+    from vgkernels.integrations.loaders import ModelBundle
+
+    from ..presets import HEADS
+
+    if not isinstance(spec, str) or spec in HEADS or not os.path.isfile(spec):
+        return
+    try:
+        with open(spec) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--heads: cannot read {spec!r} as JSON ({e})") from None
+    if not isinstance(doc, dict):
+        return  # a bare list of pairs says nothing about its model
+    b = ModelBundle(model_name, model, processor, torch_device(model))
+    L, H = b.n_layers_heads()
+    have = {"num_layers": L, "num_heads": H, "hidden_size": getattr(b.text_config(), "hidden_size", None),
+            "model_type": b.model_type}
+    bad = [f"{k} {doc[k]!r} (this model: {v!r})" for k, v in have.items()
+           if doc.get(k) is not None and v is not None and doc[k] != v]
+    source = doc.get("model")
+    if not bad and source and not any_model and _model_key(source) != _model_key(model_name):
+        bad.append(f"model {source!r} (this model: {model_name!r}; --heads-from-any-model accepts it)")
+    if bad:
+        raise UsageError(f"--heads: {spec} was ranked on another model: {'; '.join(bad)}. Rank heads on a sweep of "
+                         "this model (vgkernels sweep, then vgkernels heads)")
+
+
+def _model_key(name: str) -> str:
+    return os.path.basename(str(name).rstrip("/\\"))
+
+
+def torch_device(model):
+    try:
+        return next(p.device for p in model.parameters())
+    except StopIteration:  # pragma: no cover
+        import torch
+
+        return torch.device("cpu")
 
 
 def _read_records(path: str) -> list:
@@ -129,54 +191,94 @@ def _read_records(path: str) -> list:
     return good
 
 
-def run(args) -> int:
-    import torch
+def _read_images(chunk, data):
+    """Each row's image, or a reject (missing / unreadable: tried again by the next run)."""
     from PIL import Image
 
-    from . import eval as RE
-    from ..constants import REFERENCE_PROMPT
-    from .method import VGRefine
+    from ..sweep.datasets import Reject
 
-    if (args.data is None) == (args.demo is None):
-        raise SystemExit("vgkernels refine: give exactly one of --data FILE or --demo N")
-    os.makedirs(args.out, exist_ok=True)
-    data = args.data
-    if args.demo is not None:
-        data = RE.write_demo_data(os.path.join(args.out, "demo_data"), args.demo, seed=args.seed)
-    rows = RE.read_rows(data)
-    if args.limit is not None:
-        rows = rows[: args.limit]
-    settings = build_settings(args)
-    heads = parse_heads(args.heads)
-    ref = REFERENCE_PROMPT if args.reference_prompt is None else args.reference_prompt
+    images, rejects = [], []
+    for r in chunk:
+        try:
+            with Image.open(r.image) as im:
+                images.append(im.convert("RGB"))
+        except FileNotFoundError as e:
+            images.append(None)
+            rejects.append(Reject(data, r.line, f"cannot read image {r.image!r}: {e}", r.id, "missing image"))
+        except (OSError, ValueError) as e:
+            images.append(None)
+            rejects.append(Reject(data, r.line, f"cannot read image {r.image!r}: {e}", r.id, "unreadable image"))
+    return images, rejects
 
-    run_info = {
-        "model": args.model, "data": os.path.abspath(data), "heads": heads if isinstance(heads, str) else
-        [list(h) for h in heads], "settings": [s.label() for s in settings], "max_new_tokens": args.max_new_tokens,
-        "reference_prompt": ref, "seed": args.seed, "dtype": args.dtype,
-    }
-    run_path = os.path.join(args.out, "run.json")
-    rec_path = os.path.join(args.out, "records.jsonl")
-    if args.overwrite:
-        for p in (run_path, rec_path):
-            if os.path.exists(p):
-                os.remove(p)
+
+def _check_run_info(out: str, run_info: dict) -> None:
+    """Compare with (or, the first time, write) ``OUT/run.json``; called once every
+    argument has been validated, so that a failed start leaves no run.json."""
+    run_path = os.path.join(out, "run.json")
     if os.path.exists(run_path):
         with open(run_path) as f:
             old = json.load(f)
         diff = [k for k in RESULT_FIELDS if old.get(k) != run_info.get(k)]
         if diff:
-            raise SystemExit(f"vgkernels refine: {args.out} holds a run with different {', '.join(diff)}; "
-                             "use another --out or --overwrite")
-    else:
-        with open(run_path, "w") as f:
-            json.dump(run_info, f, indent=2)
+            raise UsageError(f"{out} holds a run with different {', '.join(diff)}; use another --out or --overwrite")
+        return
+    tmp = run_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(run_info, f, indent=2)
+    os.replace(tmp, run_path)
 
-    records = _read_records(rec_path)
-    done = {r["id"] for r in records}
-    todo = [r for r in rows if r.id not in done]
+
+def run(args) -> int:
+    from .. import outdir
+
+    if (args.data is None) == (args.demo is None):
+        raise UsageError("give exactly one of --data FILE or --demo N")
+    if args.data is not None and not os.path.isfile(args.data):
+        raise UsageError(f"--data: {args.data!r} does not exist")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    lock = outdir.claim(args.out, "refine", overwrite=args.overwrite)
+    try:
+        return _run_locked(args)
+    finally:
+        lock.release()
+
+
+def _run_locked(args) -> int:
+    import torch
+
+    from ..sweep.command import check_first_batch, reject_summary
+
+    from . import eval as RE
+    from ..constants import REFERENCE_PROMPT
+    from .method import VGRefine
+
+    data = args.data
+    if args.demo is not None:
+        data = RE.write_demo_data(os.path.join(args.out, "demo_data"), args.demo, seed=args.seed)
+    parse_rejects = []
+    rows = RE.read_rows(data, rejects=parse_rejects)
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    if not rows:
+        raise RunError(f"{data}: no usable row ({len(parse_rejects)} rejected; see {args.out}/rejects.jsonl)"
+                       if parse_rejects else f"{data}: no rows")
+    try:
+        settings = build_settings(args)
+        heads = parse_heads(args.heads)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ref = REFERENCE_PROMPT if args.reference_prompt is None else args.reference_prompt
+    run_info = {
+        "model": args.model, "data": os.path.abspath(data), "heads": heads if isinstance(heads, str) else
+        [list(h) for h in heads], "settings": [s.label() for s in settings], "max_new_tokens": args.max_new_tokens,
+        "reference_prompt": ref, "seed": args.seed, "dtype": args.dtype,
+    }
+    rec_path = os.path.join(args.out, "records.jsonl")
+    _check_previous(args.out, run_info)
 
     model, processor, model_name = _load_model(args)
+    check_heads_file(heads, model, processor, model_name, any_model=args.heads_from_any_model)
     first = settings[0]
     try:
         vr = VGRefine(model, processor, heads=heads, layers=first.layers, percentile=first.p, mode=first.mode,
@@ -184,44 +286,49 @@ def run(args) -> int:
         settings = [vr.setting(s.k, s.p, s.layers, s.mode) for s in settings]
     except ValueError as e:
         # The defaults are the HuatuoGPT-Vision-7B preset (layer 16); say so when they do not fit.
-        raise SystemExit(f"vgkernels refine: {e}\n(--heads defaults to 'huatuogpt-vision-7b' and --layers to 16; "
-                         f"give heads and layers that exist in {model_name})") from None
+        raise UsageError(f"{e} (--heads defaults to 'huatuogpt-vision-7b' and --layers to 16; give heads and "
+                         f"layers that exist in {model_name})") from None
+    _check_run_info(args.out, run_info)  # every argument is valid: now the folder is this run's
+    logger.debug(f"refine settings: {run_info}")
     labels = ["baseline"] + [s.label() for s in settings]
 
+    records = _read_records(rec_path)
+    done = {r["id"] for r in records}
+    todo = [r for r in rows if r.id not in done]
+    if done:
+        logger.info(f"resuming: {len(done)} questions already done")
     bar = None
-    if not args.no_progress:
+    if progress_enabled(args):
         from tqdm import tqdm
 
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="refine", unit="q", file=sys.stderr)
-    with open(rec_path, "a") as out:
-        for i in range(0, len(todo), args.batch_size):
-            chunk = todo[i: i + args.batch_size]
-            images = []
-            for r in chunk:
-                try:
-                    with Image.open(r.image) as im:
-                        images.append(im.convert("RGB"))
-                except OSError as e:
-                    raise SystemExit(f"vgkernels refine: {data}:{r.line}: cannot read image {r.image!r} ({e})")
-            with torch.no_grad():
-                res = vr.sweep(images, [r.prompt() for r in chunk], settings, baseline=True)
-            for b, r in enumerate(chunk):
-                base = res[0].baseline_answers[b]
-                results = {"baseline": {"response": base, "correct": RE.is_correct(r, base)}}
-                for st, rr in zip(settings, res):
-                    ans = rr.answers[b]
-                    results[st.label()] = {"response": ans, "correct": RE.is_correct(r, ans),
-                                           "kept": int(rr.keep[b].sum()), "N": int(rr.keep[b].numel())}
-                rec = {"id": r.id, "line": r.line, "kind": r.kind, "question": r.question, "answer": r.answer,
-                       "results": results}
-                out.write(json.dumps(rec) + "\n")
-                records.append(rec)
-            out.flush()
-            os.fsync(out.fileno())
-            if bar is not None:
-                bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+    run_rejects = []
+    try:
+        with open(rec_path, "a") as out:
+            for i in range(0, len(todo), args.batch_size):
+                chunk = todo[i: i + args.batch_size]
+                images, rej = _read_images(chunk, data)
+                run_rejects += rej
+                if i == 0 and not done:
+                    check_first_batch(chunk, rej, hint="; image paths are relative to the data file's folder")
+                keep = [b for b, im in enumerate(images) if im is not None]
+                if keep:
+                    sub = [chunk[b] for b in keep]
+                    with torch.no_grad():
+                        res = vr.sweep([images[b] for b in keep], [r.prompt() for r in sub], settings,
+                                       baseline=True)
+                    for b, r in enumerate(sub):
+                        rec = _record(RE, r, b, res, settings)
+                        out.write(json.dumps(rec) + "\n")
+                        records.append(rec)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+        _write_rejects(args.out, parse_rejects + run_rejects)
 
     order = {r.id: i for i, r in enumerate(rows)}
     records = [r for r in records if r["id"] in order]
@@ -232,5 +339,40 @@ def run(args) -> int:
     table = RE.summary_table(summary)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(f"# VGRefine on {os.path.basename(data)} ({model_name})\n\n{table}\n")
-    print(table)
+    paths = {"records": rec_path, "summary_json": os.path.join(args.out, "summary.json"),
+             "summary_md": os.path.join(args.out, "summary.md")}
+    paths.update(RE.write_accuracy(args.out, summary, settings, title=f"VGRefine on {os.path.basename(data)} "
+                                                                      f"({model_name})"))
+    paths["rejects"] = os.path.join(args.out, "rejects.jsonl")
+    logger.info(table)
+    for line in reject_summary(parse_rejects + run_rejects):
+        logger.info(line)
+    logger.info(f"wrote {args.out}/:")
+    for k, v in paths.items():
+        logger.info(f"  {k}: {v}")
     return 0
+
+
+def _check_previous(out: str, run_info: dict) -> None:
+    """Refuse at once (before loading the model) a folder holding another run."""
+    if os.path.exists(os.path.join(out, "run.json")):
+        _check_run_info(out, run_info)
+
+
+def _record(RE, r, b, res, settings) -> dict:
+    base = res[0].baseline_answers[b]
+    results = {"baseline": {"response": base, "correct": RE.is_correct(r, base)}}
+    for st, rr in zip(settings, res):
+        ans = rr.answers[b]
+        results[st.label()] = {"response": ans, "correct": RE.is_correct(r, ans),
+                               "kept": int(rr.keep[b].sum()), "N": int(rr.keep[b].numel())}
+    return {"id": r.id, "line": r.line, "kind": r.kind, "question": r.question, "answer": r.answer,
+            "results": results}
+
+
+def _write_rejects(out: str, rejects: list) -> None:
+    tmp = os.path.join(out, "rejects.jsonl.tmp")
+    with open(tmp, "w") as f:
+        for r in rejects:
+            f.write(json.dumps(r.to_json() if hasattr(r, "to_json") else r) + "\n")
+    os.replace(tmp, os.path.join(out, "rejects.jsonl"))

@@ -153,23 +153,38 @@ def parse_row(obj, path: str, line: int) -> VQARow:
     return VQARow(str(obj.get("id", line)), image, str(obj["question"]), answer, opts, line)
 
 
-def read_rows(path: str) -> list:
-    """Every row of an evaluation JSONL; the first malformed row raises :class:`DataError`."""
+def read_rows(path: str, rejects: Optional[list] = None) -> list:
+    """Every row of an evaluation JSONL.
+
+    Without ``rejects`` the first malformed row raises :class:`DataError`, and so does a
+    file without rows. With a list, each malformed row (not JSON, a missing field, an
+    answer that is no option, a duplicate id) is appended to it as a
+    :class:`vgkernels.sweep.datasets.Reject` and reading goes on, as the sweep's readers do.
+    """
+    from ..sweep.datasets import Reject
+
     rows, seen = [], set()
     with open(path) as f:
         for i, text in enumerate(f, start=1):
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-            row = parse_row(obj, path, i)
-            if row.id in seen:
-                raise DataError(f"{path}:{i}: duplicate id {row.id!r}")
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+                row = parse_row(obj, path, i)
+                if row.id in seen:
+                    raise DataError(f"{path}:{i}: duplicate id {row.id!r}")
+            except DataError as e:
+                if rejects is None:
+                    raise
+                kind = "duplicate id" if "duplicate id" in str(e) else "malformed row"
+                rejects.append(Reject(path, i, str(e), None, kind))
+                continue
             seen.add(row.id)
             rows.append(row)
-    if not rows:
+    if not rows and rejects is None:
         raise DataError(f"{path}: no rows")
     return rows
 
@@ -225,6 +240,97 @@ def summary_table(summary: dict) -> str:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
+
+
+ACCURACY_COLUMNS = ("method", "k", "p", "layers", "mode", "n", "accuracy", "short", "n_short", "mc", "n_mc")
+
+
+def accuracy_rows(summary: dict, settings) -> list:
+    """One dict per method (baseline first, then each setting) with :data:`ACCURACY_COLUMNS`;
+    accuracies are fractions (None without questions of that kind)."""
+    by_label = {s.label(): s for s in settings}
+    out = []
+    for label, v in summary.items():
+        s = by_label.get(label)
+        out.append({"method": label, "k": None if s is None else ("all" if s.k is None else s.k),
+                    "p": None if s is None else s.p, "layers": None if s is None else "+".join(map(str, s.layers)),
+                    "mode": None if s is None else s.mode, "n": v["n"], "accuracy": v["accuracy"],
+                    "short": v["short"], "n_short": v["n_short"], "mc": v["mc"], "n_mc": v["n_mc"]})
+    return out
+
+
+def write_accuracy(out_dir: str, summary: dict, settings, title: str = "") -> dict:
+    """``accuracy.csv`` (always) and ``accuracy.png`` (when K, p or the layers take two or
+    more values): accuracy against each swept value, one line per combination of the
+    others, the baseline dashed. Returns the written paths."""
+    import csv
+
+    rows = accuracy_rows(summary, settings)
+    paths = {"accuracy_csv": os.path.join(out_dir, "accuracy.csv")}
+    with open(paths["accuracy_csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ACCURACY_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in ACCURACY_COLUMNS})
+    swept = [d for d in ("k", "p", "layers") if len({r[d] for r in rows if r["method"] != "baseline"}) > 1]
+    if swept:
+        paths["accuracy_png"] = os.path.join(out_dir, "accuracy.png")
+        plot_accuracy(paths["accuracy_png"], rows, swept, title)
+    return paths
+
+
+_AXIS = {"k": "K (top heads)", "p": "percentile p", "layers": "knockout layers"}
+
+
+def plot_accuracy(path: str, rows: list, swept: list, title: str = "") -> None:
+    """One panel per swept dimension: accuracy (%) against its values."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    base = next((r for r in rows if r["method"] == "baseline"), None)
+    settings = [r for r in rows if r["method"] != "baseline"]
+    fig, axes = plt.subplots(1, len(swept), figsize=(5.2 * len(swept), 4.2), squeeze=False, layout="constrained")
+    for ax, dim in zip(axes[0], swept):
+        values = _ordered({r[dim] for r in settings})
+        pos = {v: i for i, v in enumerate(values)}
+        others = [d for d in ("k", "p", "layers", "mode") if d != dim]
+        series: dict = {}
+        for r in settings:
+            series.setdefault(tuple(r[d] for d in others), []).append(r)
+        for key, rs in sorted(series.items(), key=lambda kv: str(kv[0])):
+            rs = sorted(rs, key=lambda r: pos[r[dim]])
+            label = ", ".join(f"{d}={v}" for d, v in zip(others, key) if d != "mode" or v != "renorm")
+            ax.plot([pos[r[dim]] for r in rs], [_pct_value(r["accuracy"]) for r in rs], marker="o",
+                    label=label or None)
+        if base is not None and base["accuracy"] is not None:
+            ax.axhline(100 * base["accuracy"], color="black", ls="--", lw=1, label="baseline (no VGRefine)")
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlabel(_AXIS[dim])
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        if len(series) <= 12:
+            ax.legend(fontsize=7)
+    fig.suptitle(title or "VGRefine accuracy")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct_value(x):
+    return float("nan") if x is None else 100 * x
+
+
+def _ordered(values) -> list:
+    def key(v):
+        if v == "all":
+            return (1, float("inf"), "")
+        try:
+            return (0, float(str(v).split("+")[0]), str(v))
+        except ValueError:
+            return (2, 0.0, str(v))
+
+    return sorted(values, key=key)
 
 
 # ----------------------------------------------------------------------------- demo data

@@ -86,17 +86,50 @@ class Sample:
                    d.get("fields", {}), d.get("source", ""), d.get("line", 0))
 
 
+# Why a sample was rejected (``Reject.kind``); the first two are retried by the next run.
+RETRIED_KINDS = ("missing image", "unreadable image")
+REJECT_KINDS = RETRIED_KINDS + ("malformed row", "duplicate id", "bad box", "box outside the image",
+                                "box outside what the model sees", "empty mask", "processor failed",
+                                "capture failed")
+
+
 @dataclass
 class Reject:
-    """A row that could not be used: where it was and what was wrong."""
+    """A row that could not be used: where it was, what was wrong (``error``, the full
+    text) and the kind of problem (``kind``, one of :data:`REJECT_KINDS`).
+
+    ``retry``: the sample is tried again by the next run of the same sweep (its image
+    was missing or unreadable: the files may be fixed); other rejects stay done.
+    """
 
     source: str
     line: int
     error: str
     sid: Optional[str] = None
+    kind: str = "malformed row"
+
+    @property
+    def retry(self) -> bool:
+        return self.kind in RETRIED_KINDS
 
     def to_json(self) -> dict:
-        return {"source": self.source, "line": self.line, "sid": self.sid, "error": self.error}
+        return {"source": self.source, "line": self.line, "sid": self.sid, "error": self.error, "kind": self.kind,
+                "retry": self.retry}
+
+
+class SampleError(ValueError):
+    """A problem of one sample's data (not of the model, the code or the machine): the
+    sweep rejects that sample and goes on. ``samples``: the indices, within the batch
+    given to the call that raised, of the samples at fault (None: the only one)."""
+
+    def __init__(self, message: str, kind: str, samples=None):
+        super().__init__(message)
+        self.kind = kind
+        self.samples = None if samples is None else list(samples)
+
+
+def reject_of(sample: "Sample", error: str, kind: str) -> Reject:
+    return Reject(sample.source, sample.line, error, sample.sid, kind)
 
 
 def _row_hash(obj) -> str:
@@ -235,15 +268,17 @@ def load_samples(paths, *, fmt: str = "auto", image_root: Optional[str] = None,
     Returns ``(samples, rejects)``; ``samples[i].index == i``. Duplicate sample ids are
     rejected after their first occurrence (results are keyed by id).
     """
+    from ..clitools import UsageError
+
     if fmt not in FORMATS:
-        raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
+        raise UsageError(f"format: expected one of {FORMATS}, got {fmt!r}")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     samples, rejects = [], []
     for p in paths:
         p = os.fspath(p)
         if not os.path.exists(p):
-            raise ValueError(f"data: {p!r} does not exist")
+            raise UsageError(f"data: {p!r} does not exist")
         f = detect_format(p) if fmt == "auto" else fmt
         if f == "coco":
             s, r = _read_coco(p, image_root, seed, len(samples))
@@ -254,7 +289,7 @@ def load_samples(paths, *, fmt: str = "auto", image_root: Optional[str] = None,
     seen, unique = set(), []
     for s in samples:
         if s.sid in seen:
-            rejects.append(Reject(s.source, s.line, f"duplicate sample id {s.sid!r}", s.sid))
+            rejects.append(Reject(s.source, s.line, f"duplicate sample id {s.sid!r}", s.sid, "duplicate id"))
             continue
         seen.add(s.sid)
         unique.append(s)

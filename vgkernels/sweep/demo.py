@@ -1,4 +1,4 @@
-"""``vgkernels demo`` (the default command): a complete grounding sweep in under a minute.
+"""``vgkernels demo`` (the default command): a complete grounding sweep, under a minute on a 2-core CPU.
 
 1. Generates ``--n`` images — one shape in a named colour on grey or colour noise, its box
    known exactly — and a question file in the authors' format (``image`` id, ``label``,
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 
 import numpy as np
 
@@ -31,6 +30,8 @@ from ..tiny_grounded import COLOURS
 from .datasets import LOCALISATION_TEMPLATES
 
 DEMO_MODEL = "tiny-grounded"
+# How long the demo takes; the README's `make demo` paragraph says the same (a test checks).
+DEMO_DURATION = "under a minute on a 2-core CPU"
 _SHAPES = ("square", "circle", "triangle")
 
 
@@ -88,12 +89,16 @@ def make_demo_data(out_dir: str, n: int = 32, *, size: int = 112, seed: int = 0)
 
 
 def add_arguments(p):
-    p.add_argument("--out", default="runs/demo", help="output folder (recreated), default runs/demo")
+    p.description = (f"{(p.description or 'The demo').rstrip('.')}. Takes {DEMO_DURATION}. The --out folder is "
+                     "recreated on every run; only a folder this tool created is deleted.")
+    p.add_argument("--out", default="runs/demo",
+                   help="output folder, recreated on every run (only if new, empty or created by vgkernels); "
+                        "default runs/demo")
     p.add_argument("--model", default=DEMO_MODEL, help=f"model to sweep (default {DEMO_MODEL})")
     p.add_argument("--n", type=int, default=32, help="number of generated samples (default 32)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    p.add_argument("--top-k", type=int, default=10, help="heads written to heads.json (default 10)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
@@ -112,39 +117,46 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from . import command, heads, report
     from vgkernels.integrations.loaders import parse_tiny
 
-    if os.path.isdir(args.out):
-        shutil.rmtree(args.out)
-    data_dir = os.path.join(args.out, "data")
-    qpath = make_demo_data(data_dir, args.n)
-    print(f"generated {args.n} images with known boxes and {qpath} (the authors' question-file format)")
-    sweep_dir = os.path.join(args.out, "sweep")
-    sp = argparse.ArgumentParser()
-    command.add_arguments(sp)
-    sargs = sp.parse_args(["--model", args.model, "--data", qpath, "--image-root", os.path.join(data_dir, "images"),
-                           "--image-pattern", "{image}.png", "--out", sweep_dir, "--batch-size", str(args.batch_size),
-                           "--overlays", "4", "--no-report"] + (["--no-progress"] if args.no_progress else []))
-    command.run(sargs)
-    planted = None
-    if parse_tiny(args.model)[0] == "tiny-grounded":
-        from ..tiny_grounded import PLANTED_HEADS, PLANTED_LAYERS
+    from .. import outdir
+    from ..clitools import logger
+    from . import command, heads, report
 
-        planted = [tuple(h) for h in PLANTED_HEADS]
-    rep = report.write_report(sweep_dir, overlays=4, marked_heads=planted, mark_label="planted")
-    print(rep["text"])
-    if planted:
-        print(f"tiny-grounded's planted heads (layer, head), by construction: {planted}, in layers "
-              f"{list(PLANTED_LAYERS)}; every other layer should read AR 1.00 as a random model does")
-    hp = argparse.ArgumentParser()
-    heads.add_arguments(hp)
-    heads.run(hp.parse_args(["--sweep", sweep_dir, "--top-k", str(args.top_k)]))
-    if planted:
-        with open(os.path.join(sweep_dir, "heads.json")) as f:
-            ranked = [(h["layer"], h["head"]) for h in json.load(f)["heads"]][:len(planted)]
-        verdict = "the planted heads" if set(ranked) == set(planted) else "NOT the planted heads"
-        print(f"the ranking's top {len(planted)}: {ranked}: {verdict}")
-    print(f"\nplots: {os.path.join(sweep_dir, 'plots')}/ (layers.png, heads_kl.png, overlays.png); "
-          f"tables: {os.path.join(sweep_dir, 'summary')}/")
+    # The demo recreates its folder: delete it only when this tool made it.
+    lock = outdir.claim(args.out, "demo", overwrite=True, what="demo --out")
+    try:
+        data_dir = os.path.join(args.out, "data")
+        qpath = make_demo_data(data_dir, args.n)
+        logger.info(f"generated {args.n} images with known boxes and {qpath} (the authors' question-file format)")
+        sweep_dir = os.path.join(args.out, "sweep")
+        sp = argparse.ArgumentParser()
+        command.add_arguments(sp)
+        sargs = sp.parse_args(["--model", args.model, "--data", qpath, "--image-root", os.path.join(data_dir, "images"),
+                               "--image-pattern", "{image}.png", "--out", sweep_dir, "--batch-size",
+                               str(args.batch_size), "--overlays", "4", "--no-report"]
+                              + (["--no-progress"] if args.no_progress else []))
+        command.run(sargs)
+        planted = None
+        if parse_tiny(args.model)[0] == "tiny-grounded":
+            from ..tiny_grounded import PLANTED_HEADS, PLANTED_LAYERS
+
+            planted = [tuple(h) for h in PLANTED_HEADS]
+        rep = report.write_report(sweep_dir, overlays=4, marked_heads=planted, mark_label="planted")
+        logger.info(rep["text"])
+        if planted:
+            logger.info(f"tiny-grounded's planted heads (layer, head), by construction: {planted}, in layers "
+                        f"{list(PLANTED_LAYERS)}; every other layer should read AR 1.00 as a random model does")
+        hp = argparse.ArgumentParser()
+        heads.add_arguments(hp)
+        heads.run(hp.parse_args(["--sweep", sweep_dir, "--top-k", str(args.top_k)]))
+        if planted:
+            with open(os.path.join(sweep_dir, "heads.json")) as f:
+                ranked = [(h["layer"], h["head"]) for h in json.load(f)["heads"]][:len(planted)]
+            verdict = "the planted heads" if set(ranked) == set(planted) else "NOT the planted heads"
+            logger.info(f"the ranking's top {len(planted)}: {ranked}: {verdict}")
+        logger.info(f"\nplots: {os.path.join(sweep_dir, 'plots')}/ (layers.png, heads_kl.png, overlays.png); "
+                    f"tables: {os.path.join(sweep_dir, 'summary')}/ and {sweep_dir}/{{layers,heads}}.parquet")
+    finally:
+        lock.release()
     return 0

@@ -7,7 +7,11 @@ aligned with the boxes; NaN rows, e.g. an empty mask, are left out of the mean) 
 .. code-block:: json
 
     {"heads": [{"layer": 15, "head": 4, "score": 1.93, "n": 1388}, ...],
-     "metric": "kl_ref", "top_k": 20, "model": "...", "sweep": "...", "where": {}}
+     "metric": "kl_ref", "top_k": 20, "model": "...", "model_type": "llava", "family": "llava",
+     "num_layers": 32, "num_heads": 32, "hidden_size": 4096, "sweep": "...", "where": {}}
+
+(the model fields let ``vgkernels refine`` refuse heads ranked on another model; a head
+with no finite score has ``"score": null``)
 
 which :func:`vgkernels.presets.resolve_heads` — hence ``triage_mask`` and ``VGRefine`` —
 accepts as a path.
@@ -31,6 +35,7 @@ import os
 
 import numpy as np
 
+from ..clitools import RunError, UsageError
 from .store import METRICS, load_results
 
 
@@ -74,6 +79,10 @@ def rank_heads(head: np.ndarray, metric: str = "kl_ref", top_k: int = 20, layers
     vals = head[:, METRICS.index(metric)].astype(np.float64)  # (n, L, H)
     finite = np.isfinite(vals)
     n = finite.sum(axis=0)
+    if not n.any():
+        raise RunError(f"no sample has a finite {metric}: the sweep holds {head.shape[0]} scored samples "
+                       "(every sample was rejected, or every mask was empty; see the sweep's rejects.jsonl); "
+                       "there is nothing to rank")
     mean = np.where(n > 0, np.where(finite, vals, 0.0).sum(axis=0) / np.maximum(n, 1), np.inf)
     L, H = mean.shape
     names = list(range(L)) if layers is None else [int(l) for l in layers]
@@ -83,22 +92,40 @@ def rank_heads(head: np.ndarray, metric: str = "kl_ref", top_k: int = 20, layers
     return [(name, h, float(s), int(n[l, h])) for s, name, h, l in order[:top_k]]
 
 
+# What a heads.json says about the model it was ranked on; VGRefine checks it against the
+# model it is given (vgkernels.refine.cli.check_heads_file).
+MODEL_KEYS = ("model", "model_type", "family", "num_layers", "num_heads", "hidden_size")
+
+
 def run(args) -> int:
-    meta, recs, head, _ = load_results(args.sweep)
-    where = _parse_where(args.where)
+    from ..clitools import logger
+
+    from ..outdir import OutputLock
+
+    if not os.path.isdir(args.sweep):
+        raise UsageError(f"--sweep: {args.sweep!r} is not a folder; expected the --out folder of a sweep")
+    try:
+        with OutputLock(args.sweep):  # not while a sweep is writing (merging) this folder
+            meta, recs, head, _ = load_results(args.sweep)
+        where = _parse_where(args.where)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if where:
         sel = np.array([all(str(r["fields"].get(k)) == v for k, v in where.items()) for r in recs], bool)
         if not sel.any():
-            raise ValueError(f"--where {where}: no sample of {args.sweep!r} matches")
+            raise UsageError(f"--where {where}: no sample of {args.sweep!r} matches")
         head = head[sel]
     ranked = rank_heads(head, args.metric, args.top_k, meta.get("layers"))
     out = args.out or os.path.join(args.sweep, "heads.json")
-    doc = {"heads": [{"layer": l, "head": h, "score": s, "n": n} for l, h, s, n in ranked],
-           "metric": args.metric, "top_k": args.top_k, "model": meta.get("model"),
+    doc = {"heads": [{"layer": l, "head": h, "score": s if np.isfinite(s) else None, "n": n}
+                     for l, h, s, n in ranked],
+           "metric": args.metric, "top_k": args.top_k, **{k: meta.get(k) for k in MODEL_KEYS},
            "sweep": os.path.abspath(args.sweep), "where": where, "samples": int(head.shape[0])}
+    if doc["num_heads"] is None:  # a sweep of an earlier version: its H is every head
+        doc["num_heads"] = meta.get("H")
     with open(out, "w") as f:
-        json.dump(doc, f, indent=1)
-    print(f"top {len(ranked)} heads by mean {args.metric} over {head.shape[0]} samples -> {out}")
+        json.dump(doc, f, indent=1, allow_nan=False)
+    logger.info(f"top {len(ranked)} heads by mean {args.metric} over {head.shape[0]} samples -> {out}")
     for i, (l, h, s, n) in enumerate(ranked):
-        print(f"  {i + 1:3d}. layer {l:3d} head {h:3d}  {args.metric} {s:.4f}  (n={n})")
+        logger.info(f"  {i + 1:3d}. layer {l:3d} head {h:3d}  {args.metric} {s:.4f}  (n={n})")
     return 0

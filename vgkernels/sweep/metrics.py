@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..layout import ImageLayout, box_mask, gt_tokens_mask
+from ..layout import ImageLayout, box_mask, gt_tokens_mask, visible_region
 
 from ..constants import OFFICIAL_GRID
 MASK_MODES = ("auto", "bbox", "gt_tokens")
@@ -32,18 +32,41 @@ def sample_mask(sample, layout: ImageLayout, mode: str = "auto"):
     ``auto``: the authors' ``gt_tokens`` when the sample has them and the model's image
     is exactly the 24×24 grid they were made for (``grid == (24, 24)`` and ``N == 576``);
     otherwise the boxes through ``box_mask`` on the model's own token cells.
+
+    A mask that selects no token cannot be scored (every metric would be NaN): it raises
+    :class:`~.datasets.SampleError` saying why (a box outside the image, a box that the
+    processor's crop cut away, no gt_tokens), as do boxes ``box_mask`` refuses, so the
+    sweep rejects the sample instead of storing empty metrics.
     """
+    from .datasets import SampleError
+
     if mode not in MASK_MODES:
         raise ValueError(f"mask: expected one of {MASK_MODES}, got {mode!r}")
     fits = tuple(layout.grid) == OFFICIAL_GRID and layout.N == OFFICIAL_GRID[0] * OFFICIAL_GRID[1]
     if mode == "gt_tokens" or (mode == "auto" and sample.gt_tokens is not None and fits):
         if sample.gt_tokens is None:
-            raise ValueError(f"sample {sample.sid}: --mask gt_tokens but the row has no gt_tokens")
+            raise SampleError(f"sample {sample.sid}: --mask gt_tokens but the row has no gt_tokens", "empty mask")
         if not fits:
             raise ValueError(f"sample {sample.sid}: gt_tokens are 24x24 cells but the model's image has "
                              f"grid {tuple(layout.grid)} with N={layout.N}; use --mask bbox")
-        return gt_tokens_mask(sample.gt_tokens, OFFICIAL_GRID), "gt_tokens"
-    return box_mask(layout, sample.boxes), "bbox"
+        mask = gt_tokens_mask(sample.gt_tokens, OFFICIAL_GRID)
+        if not bool(mask.any()):
+            raise SampleError(f"sample {sample.sid}: gt_tokens is empty", "empty mask")
+        return mask, "gt_tokens"
+    try:
+        mask = box_mask(layout, sample.boxes)
+    except ValueError as e:
+        kind = "box outside the image" if "outside the image" in str(e) else "bad box"
+        raise SampleError(f"sample {sample.sid}: {e}", kind) from None
+    if not bool(mask.any()):
+        seen = visible_region(layout)
+        where = ("no token of the image has a place" if seen is None else
+                 f"its image tokens cover x {seen[0]:.1f}..{seen[2]:.1f}, y {seen[1]:.1f}..{seen[3]:.1f}")
+        size = "" if layout.image_size is None else f" of the {layout.image_size[0]}x{layout.image_size[1]} image"
+        raise SampleError(f"sample {sample.sid}: boxes {sample.boxes} ([x, y, w, h]) lie entirely outside what the "
+                          f"model sees: {where}{size} (the processor resized or cropped away the rest)",
+                          "box outside what the model sees")
+    return mask, "bbox"
 
 
 def cpu_safe_backend(backend: str, device) -> str:

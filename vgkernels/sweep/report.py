@@ -263,7 +263,7 @@ def write_report(out_dir: str, *, overlays: int = 6, group_by=None, marked_heads
     """Tables and plots of a merged sweep; returns the written paths and the layer text.
     ``marked_heads``: ``(layer, head)`` pairs outlined in ``heads_kl.png`` as ``mark_label``."""
     meta, recs, head, layer = load_results(out_dir)
-    fields = breakdown_fields(recs) if group_by is None else list(group_by)
+    fields = breakdown_fields(recs) if group_by is None else check_group_by(recs, group_by)
     layers = meta.get("layers")
     text = write_tables(out_dir, recs, head, layer, fields, layers)
     pdir = os.path.join(out_dir, "plots")
@@ -286,15 +286,39 @@ def write_report(out_dir: str, *, overlays: int = 6, group_by=None, marked_heads
     return {"paths": paths, "text": text}
 
 
+def check_group_by(recs, group_by) -> list:
+    """``group_by`` fields, each of which at least one sample carries; else UsageError
+    listing the fields there are."""
+    from ..clitools import UsageError
+
+    have = sorted({k for r in recs for k in r["fields"]})
+    missing = [f for f in group_by if f not in have]
+    if missing:
+        raise UsageError(f"--group-by: no sample has the field(s) {missing}; the samples carry "
+                         f"{have or 'no fields'}")
+    return list(group_by)
+
+
 def add_arguments(p):
     p.add_argument("--sweep", required=True, help="the --out directory of a finished sweep")
     p.add_argument("--overlays", type=int, default=6, help="samples to draw in overlays.png")
-    p.add_argument("--group-by", action="append", default=None, help="carried field to break down by")
+    p.add_argument("--group-by", action="append", default=None,
+                   help="carried field to break down by (repeatable; default: every field with 2-20 values)")
 
 
 def run(args) -> int:
-    res = write_report(args.sweep, overlays=args.overlays, group_by=args.group_by)
-    print(res["text"])
+    from ..clitools import UsageError, logger
+    from ..outdir import OutputLock
+
+    if not os.path.isdir(args.sweep):
+        raise UsageError(f"--sweep: {args.sweep!r} is not a folder; expected the --out folder of a sweep")
+    with OutputLock(args.sweep):  # not while a sweep is writing (merging) this folder
+        try:
+            load_results(args.sweep)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        res = write_report(args.sweep, overlays=args.overlays, group_by=args.group_by)
+    logger.info(res["text"])
     for k, v in res["paths"].items():
-        print(f"{k}: {v}")
+        logger.info(f"{k}: {v}")
     return 0

@@ -63,6 +63,7 @@ class Encoded:
     pixels: dict = field(default_factory=dict)
     image_size: Optional[tuple] = None
     error: Optional[str] = None
+    error_kind: Optional[str] = None  # datasets.REJECT_KINDS
 
 
 class Encoder:
@@ -83,28 +84,30 @@ class Encoder:
         try:
             with Image.open(sample.image) as im:
                 image = im.convert("RGB")
+        except FileNotFoundError as e:
+            return Encoded(sample, error=f"cannot read image {sample.image!r}: {e}", error_kind="missing image")
         except (OSError, ValueError) as e:
-            return Encoded(sample, error=f"cannot read image {sample.image!r}: {e}")
+            return Encoded(sample, error=f"cannot read image {sample.image!r}: {e}", error_kind="unreadable image")
         try:
             question = self.family.chat_text(self.processor, with_suffix(sample.question, self.answer_suffix))
             eq = self.family.process(self.processor, [image], [question])
             er = self.family.process(self.processor, [image], [self.ref_text])
         except Exception as e:  # a processor rejecting an image must not stop the sweep
-            return Encoded(sample, error=f"processor failed: {type(e).__name__}: {e}")
+            return Encoded(sample, error=f"processor failed: {type(e).__name__}: {e}", error_kind="processor failed")
         q = {k: v[0] for k, v in eq.items() if k in _ID_ALIGNED and isinstance(v, torch.Tensor)}
         r = {k: v[0] for k, v in er.items() if k in _ID_ALIGNED and isinstance(v, torch.Tensor)}
         pixels = {k: v for k, v in eq.items() if k not in _ID_ALIGNED}
         qi, ri = q["input_ids"], r["input_ids"]
         img_pos = torch.isin(qi, torch.tensor(sorted(self.image_token_ids), dtype=qi.dtype)).nonzero()
         if img_pos.numel() == 0:
-            return Encoded(sample, error="no image token in the tokenised prompt")
+            return Encoded(sample, error="no image token in the tokenised prompt", error_kind="processor failed")
         # The shared prefix ends with the image: a fixed cut (rather than the longest
         # common prefix, which depends on the question's first characters) keeps the
         # prefix length equal across samples with equal image token counts.
         P = int(img_pos[-1, 0]) + 1
         if self.prefix_sharing and (P >= min(qi.numel(), ri.numel()) or not torch.equal(qi[:P], ri[:P])):
             return Encoded(sample, error=("the question and reference prompts differ before the end of the "
-                                          "image; use --no-prefix-sharing"))
+                                          "image; use --no-prefix-sharing"), error_kind="processor failed")
         return Encoded(sample, q, r, P, pixels, tuple(image.size))
 
 
@@ -144,6 +147,21 @@ class MapBatch:
 
 
 # ----------------------------------------------------------------------------- runner
+
+
+def _raise_skipped(skipped, samples=None):
+    """``vg.skipped`` as an error: per-sample reasons (several images in a sample, ...)
+    are the samples' problem (:class:`~.datasets.SampleError`: rejected, the sweep goes
+    on); a reason for the whole call (sample None) is not, and stops the sweep."""
+    from .datasets import SampleError
+
+    whole = [r for b, r in skipped if b is None]
+    if whole:
+        raise RuntimeError(f"run: capture did not apply to the call: {'; '.join(whole)}")
+    bad = sorted({int(b) for b, _ in skipped} | set(samples or ()))
+    reasons = "; ".join(f"sample {b}: {r}" for b, r in skipped)
+    raise SampleError(f"capture did not apply: {reasons}", "capture failed", bad)
+
 
 
 def _accepts(fn, name: str) -> bool:
@@ -229,7 +247,7 @@ class MapRunner:
             with self._patch(self.layers, items) as vg:
                 self.bundle.model(**self._full_batch(items, key), **self._logits_kw)
             if vg.skipped:
-                raise ValueError(f"run: capture did not apply: {vg.skipped}")
+                _raise_skipped(vg.skipped)
             res.append((vg.maps.float(), list(vg.layout)))
         (mq, lay), (mr, _) = res
         n = max(mq.shape[-1], mr.shape[-1])
@@ -255,8 +273,7 @@ class MapRunner:
         layouts = list(vg.layout)
         missing = [b for b, l in enumerate(layouts) if l is None]
         if missing:
-            raise ValueError(f"run: sample(s) {missing} of the batch have no single image: "
-                             f"{[r for _, r in vg.skipped]}")
+            _raise_skipped(vg.skipped or [(b, "no single image span") for b in missing], missing)
         cache = output_cache(out)
         Pc = cache.get_seq_length()
         maps = []

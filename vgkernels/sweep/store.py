@@ -160,12 +160,16 @@ def check_or_write_meta(out_dir: str, meta: dict, *, write: bool) -> dict:
 
 
 def done_ids(out_dir: str) -> set:
-    """Ids of samples finished (or rejected while running) by any rank so far."""
+    """Ids of samples finished, or rejected for good, by any rank so far.
+
+    A sample rejected for a missing or unreadable image (``"retry": true``) is not done:
+    the next run tries it again.
+    """
     ids = set()
     for pat in ("index.r*.jsonl", "rejects.r*.jsonl"):
         for p in glob.glob(os.path.join(out_dir, "shards", pat)):
             recs, _ = _read_index(p)
-            ids.update(r["sid"] for r in recs if r.get("sid") is not None)
+            ids.update(r["sid"] for r in recs if r.get("sid") is not None and not r.get("retry"))
     return ids
 
 
@@ -331,14 +335,49 @@ def merge(out_dir: str, parse_rejects: list) -> dict:
             f.write(json.dumps(rec, default=_json_default) + "\n")
     os.replace(tmp, os.path.join(out_dir, "samples.jsonl"))
     rejects = [r.to_json() if hasattr(r, "to_json") else r for r in parse_rejects]
-    for p in sorted(glob.glob(os.path.join(shard_dir, "rejects.r*.jsonl"))):
-        recs, _ = _read_index(p)
-        rejects += recs
+    rejects += run_rejects(out_dir, done={t[0]["sid"] for t in out_rows})
     with open(os.path.join(out_dir, "rejects.jsonl.tmp"), "w") as f:
         for r in rejects:
             f.write(json.dumps(r, default=_json_default) + "\n")
     os.replace(os.path.join(out_dir, "rejects.jsonl.tmp"), os.path.join(out_dir, "rejects.jsonl"))
+    from .tables import write_parquet
+
+    write_parquet(out_dir, meta, [_merged_record(t, i) for i, t in enumerate(out_rows)], head_arr, layer_arr)
     return {"samples": n, "rejects": len(rejects)}
+
+
+def read_rejects(out_dir: str) -> list:
+    """The merged ``rejects.jsonl`` records."""
+    p = os.path.join(out_dir, "rejects.jsonl")
+    if not os.path.exists(p):
+        return []
+    with open(p) as f:
+        return [json.loads(t) for t in f if t.strip()]
+
+
+def run_rejects(out_dir: str, done=()) -> list:
+    """Rejects written while running, every rank: one per sample id (its latest), none for
+    a sample that has results (rejected once for a missing image, then computed)."""
+    done = set(done)
+    latest, order = {}, []
+    for p in sorted(glob.glob(os.path.join(out_dir, "shards", "rejects.r*.jsonl"))):
+        recs, _ = _read_index(p)
+        for r in recs:
+            key = r.get("sid") if r.get("sid") is not None else ("line", r.get("source"), r.get("line"))
+            if key in done:
+                continue
+            if key not in latest:
+                order.append(key)
+            latest[key] = r
+    return [latest[k] for k in order]
+
+
+def _merged_record(t, row: int) -> dict:
+    r, _, _, rank = t
+    s = r["sample"]
+    return {"row": row, "sid": r["sid"], "index": r["index"], "image": s["image"], "question": s["question"],
+            "fields": s.get("fields", {}), "N": r["N"], "grid": r["grid"], "image_size": r.get("image_size"),
+            "mask": r["mask"], "mask_tokens": r["mask_tokens"]}
 
 
 def load_results(out_dir: str):
