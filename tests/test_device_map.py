@@ -203,10 +203,9 @@ def test_a_model_split_by_device_map_sweeps_and_patches_like_a_whole_one(ckpt, t
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="integrations/takeover.py builds a call's plan tensors (captured rows, "
-                                       "windows, knockout) on one device; a layer on another GPU indexes them "
-                                       "across devices. Remove this mark when the takeover moves them per device.")
 def test_layers_on_two_gpus(ckpt, tmp_path):
+    """Layers on two GPUs: the takeover views each call's plan on the layer's device and
+    gathers the maps on the first."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs (this machine has fewer)")
     path, _ = ckpt

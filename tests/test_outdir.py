@@ -178,14 +178,15 @@ def test_overwrite_deletes_only_folders_this_tool_created(tmp_path, capsys):
 
 
 def test_demo_recreates_only_its_own_folder(tmp_path, monkeypatch):
-    from vgkernels.sweep import command, heads
+    from vgkernels.sweep import command, heads, report
 
     ran = []
     monkeypatch.setattr(command, "run", lambda a: ran.append(a.out))
     monkeypatch.setattr(heads, "run", lambda a: 0)
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: {"text": "", "paths": {}})
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "2", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "2", "--no-progress", "--model", "tiny-llava"]) == 0
     (out / "stale.txt").write_text("from last time")
-    assert main(["demo", "--out", str(out), "--n", "2", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "2", "--no-progress", "--model", "tiny-llava"]) == 0
     assert not (out / "stale.txt").exists() and (out / "data" / "questions.jsonl").exists()
     assert ran == [str(out / "sweep")] * 2

@@ -49,9 +49,13 @@ def test_heatmaps_have_colour_bars_and_the_title_clears_the_first_row(tmp_path, 
         fig = figures[name]
         maps = _heatmaps(fig)
         assert maps, name
-        for im in maps:
-            assert im.colorbar is not None, f"{name}: a heatmap without a colour bar"
+        barred = [im for im in maps if im.colorbar is not None]
+        for im in barred:
             assert im.colorbar.ax.get_ylabel().strip(), f"{name}: a colour bar without units"
+        for im in maps:
+            # a heatmap has its own colour bar, or shares the colour scale of one that has
+            same = [b for b in barred if b.get_clim() == im.get_clim() and b.get_cmap().name == im.get_cmap().name]
+            assert same, f"{name}: a heatmap whose colour scale no colour bar explains"
     fig = figures["overlays.png"]
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -60,7 +64,7 @@ def test_heatmaps_have_colour_bars_and_the_title_clears_the_first_row(tmp_path, 
     r = canvas.get_renderer()
     title = fig._suptitle.get_window_extent(r)
     grid = [ax for ax in fig.axes if ax.images]  # the image axes (colour bars excluded)
-    assert len(grid) == 3 * rows
+    assert len(grid) == 4 * rows  # image; question, reference and ratio maps
     first = [ax for ax in grid if ax.get_subplotspec().rowspan.start == 0]
     for ax in first:
         assert not _overlap(title, ax.get_tightbbox(r)), "the title covers the first row"
