@@ -4,7 +4,9 @@
 (:mod:`.families`), which the sweep and VGRefine ask for everything family-specific
 (how to call the processor, the chat text, where the LLM is, how positions continue
 after a KV cache). A local directory is recognised by its ``config.json``'s
-``model_type`` through the one family table; built-in tiny models are those of
+``model_type`` through the one family table (a transformers class, or the row's loader:
+LLaVA-codebase checkpoints such as HuatuoGPT-Vision, with ``vision_tower=`` their CLIP
+tower's folder when the config does not name a local one); built-in tiny models are those of
 :data:`vgkernels.tiny.TINY_MODELS`, optionally sized: ``tiny-llava:num_layers=8``.
 """
 from __future__ import annotations
@@ -88,13 +90,14 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
-               attn_implementation: Optional[str] = None, seed: int = 0, tiny_overrides: Optional[dict] = None
-               ) -> ModelBundle:
+               attn_implementation: Optional[str] = None, seed: int = 0, tiny_overrides: Optional[dict] = None,
+               vision_tower: Optional[str] = None) -> ModelBundle:
     """Load ``name``: a built-in tiny model or a local checkpoint directory.
 
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32
     on CPU; ``attn_implementation`` to the checkpoint's default (sdpa), which patched
-    layers keep for their ordinary rows.
+    layers keep for their ordinary rows; ``vision_tower`` is the local CLIP tower folder
+    of a LLaVA-codebase checkpoint (default: its config's ``mm_vision_tower``).
     """
     from vgkernels.tiny import TINY_MODELS
 
@@ -122,10 +125,17 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
     fam = FAMILIES.get(mtype)
     if fam is None:
         raise ValueError(f"model: {name!r} has model_type {mtype!r}; supported: {sorted(FAMILIES)}")
+    if vision_tower is not None and fam.hf_class is not None:
+        raise ValueError(f"vision_tower: only LLaVA-codebase checkpoints take a separate vision tower; {name!r} has "
+                         f"model_type {mtype!r} ({fam.hf_class})")
     if fam.hf_class is None:
-        raise ValueError(f"model: {name!r} is a LLaVA-codebase checkpoint (model_type {mtype!r}), which this "
-                         "version cannot load without the authors' code; build the model there and pass it to "
-                         "the Python API (vgkernels.sweep.command.sweep with a ModelBundle)")
+        load = fam.load_function()
+        if load is None:
+            raise ValueError(f"model: {name!r} has model_type {mtype!r} ({fam.description}), which cannot be loaded "
+                             "from a directory without its own code; build the model there and pass it to the Python "
+                             "API (vgkernels.sweep.command.sweep with a ModelBundle)")
+        model, proc = load(name, vision_tower=vision_tower, torch_dtype=dt, attn_implementation=attn_implementation)
+        return ModelBundle(os.path.abspath(name), model.to(dev).eval(), proc, dev)
     import transformers
 
     cls = getattr(transformers, fam.hf_class)
