@@ -30,7 +30,8 @@ test-core: $(STAMP)
 	$(PY) -m pytest tests
 
 # Everything that drives a transformers model, again on transformers 4.57.
-TF4_TESTS := tests/integration tests/test_sweep_run.py tests/test_refine_equivalence.py tests/test_refine_sweep.py
+TF4_TESTS := tests/integration tests/test_sweep_run.py tests/test_refine_equivalence.py tests/test_refine_sweep.py \
+             tests/test_llava_checkpoint.py tests/test_refine_decoding.py tests/test_profiles.py
 
 test-tf4: $(TF4)/.stamp
 	PYTHONPATH=$(CURDIR)/$(TF4) $(PY) -m pytest $(TF4_TESTS) -p no:cacheprovider

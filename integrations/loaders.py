@@ -134,7 +134,11 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
             raise ValueError(f"model: {name!r} has model_type {mtype!r} ({fam.description}), which cannot be loaded "
                              "from a directory without its own code; build the model there and pass it to the Python "
                              "API (vgkernels.sweep.command.sweep with a ModelBundle)")
-        model, proc = load(name, vision_tower=vision_tower, torch_dtype=dt, attn_implementation=attn_implementation)
+        try:
+            model, proc = load(name, vision_tower=vision_tower, torch_dtype=dt, attn_implementation=attn_implementation)
+        except ValueError as e:
+            raise ValueError(f"model: {name!r} is a LLaVA-codebase checkpoint (model_type {mtype!r}) that cannot be "
+                             f"loaded: {e}") from e
         return ModelBundle(os.path.abspath(name), model.to(dev).eval(), proc, dev)
     import transformers
 

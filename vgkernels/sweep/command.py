@@ -9,6 +9,13 @@ Example (GPU, a real checkpoint, the authors' COCO questions)::
 Outputs (see :mod:`vgkernels.sweep.store` and :mod:`vgkernels.sweep.report`): merged
 metrics, ``summary/`` tables, ``plots/`` and ``rejects.jsonl``. Re-running the same
 command after an interruption continues where it stopped.
+
+``--profile authors`` reproduces the paper authors' conventions (:mod:`vgkernels.paper`):
+question and reference prompts joined to the answer line with a space, and the tables
+and plots in their AR/KL/JS conventions (head-mean maps; per-sample values in
+``samples.jsonl``'s ``extra.authors``), the exact metrics stored beside them
+(``summary/layers_exact.csv``, ``layer_metrics.npy``). The profile is part of the run's
+settings: a resumed run with another profile is refused.
 """
 from __future__ import annotations
 
@@ -19,11 +26,12 @@ import sys
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import dist
 from .datasets import FORMATS, Reject, load_samples
-from .metrics import MASK_MODES, sample_mask, sample_metrics
+from .metrics import MASK_MODES, authors_cells, authors_layer_metrics, sample_mask, sample_metrics
 from .runner import DEFAULT_ANSWER_SUFFIX, DEFAULT_REFERENCE, Encoder, MapRunner
 from .store import FORMAT_VERSION, SampleResult, ShardWriter, check_or_write_meta, done_ids, merge
 
@@ -33,6 +41,11 @@ def add_arguments(p):
                    help="local Hugging Face model directory, or a built-in tiny model (tiny-llava, tiny-llava-next, "
                         "tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-splice, tiny-splice-vila), optionally with sizes: "
                         "tiny-llava:num_layers=8,num_heads=8 (default tiny-llava)")
+    p.add_argument("--vision-tower", default=None, metavar="DIR",
+                   help="local CLIP tower folder of a LLaVA-codebase checkpoint (default: its config's mm_vision_tower)")
+    p.add_argument("--profile", default="exact", choices=PROFILES,
+                   help="exact (default): per-row metrics of SPEC §3, newline before the answer line; authors: the "
+                        "paper authors' prompts and metric conventions in the tables and plots (vgkernels.paper)")
     p.add_argument("--data", required=True, nargs="+", help="question file(s): authors' JSONL, manifest JSONL or "
                                                              "COCO instances_*.json")
     p.add_argument("--out", required=True, help="output directory (resumable)")
@@ -66,6 +79,9 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true")
     # Seconds to sleep after each batch: lets tests interrupt a sweep mid-run.
     p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+PROFILES = ("exact", "authors")
 
 
 def default_workers(device, world: int = 1) -> int:
@@ -131,7 +147,7 @@ def _split_by_prefix(items):
     return list(groups.values())
 
 
-def _results(mb, items, mask_mode, keep_maps, backend):
+def _results(mb, items, mask_mode, keep_maps, backend, profile="exact"):
     out = []
     for b, it in enumerate(items):
         lay = mb.layouts[b]
@@ -140,10 +156,14 @@ def _results(mb, items, mask_mode, keep_maps, backend):
         mask, kind = sample_mask(it.sample, lay, mask_mode)
         head, layer = sample_metrics(mq, mr, mask.to(mq.device), backend=backend)
         keep = keep_maps(it.sample)
+        extra = None
+        if profile == "authors":
+            am = authors_layer_metrics(mq, mr, authors_cells(it.sample, lay, kind), lay.grid)
+            extra = {"authors": [[None if not np.isfinite(v) else float(v) for v in row] for row in am]}
         out.append(SampleResult(it.sample, head, layer, n, tuple(lay.grid), kind, int(mask.sum()),
                                 it.image_size,
                                 mq.cpu().numpy() if keep else None, mr.cpu().numpy() if keep else None,
-                                lay.cells.cpu().numpy() if keep else None))
+                                lay.cells.cpu().numpy() if keep else None, extra))
     return out
 
 
@@ -152,12 +172,15 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
           mask: str = "auto", save_maps: bool = False, overlays: int = 6, workers: int = 0,
           prefix_sharing: bool = True, backend: str = "auto", fingerprint: Optional[dict] = None,
           info: Optional[dist.DistInfo] = None, progress: bool = True, report: bool = True,
-          throttle: float = 0.0, log=print) -> dict:
+          throttle: float = 0.0, log=print, profile: str = "exact") -> dict:
     """Run (or resume) a sweep of ``bundle`` over ``samples`` into ``out``.
 
     Every rank calls this with the same ``samples``; each takes its share, and rank 0
     merges and reports. Returns ``{"done": n_new, "seconds": t, "merged": {...}}``.
+    ``profile="authors"``: see the module docstring.
     """
+    if profile not in PROFILES:
+        raise ValueError(f"profile: expected one of {PROFILES}, got {profile!r}")
     info = info or dist.DistInfo()
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -165,9 +188,9 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
     layers = list(range(L_total)) if layers is None else list(layers)
     meta = {"format_version": FORMAT_VERSION, "model": bundle.name, "family": bundle.family, "L": len(layers),
             "H": H, "layers": layers, "reference_prompt": reference, "answer_suffix": answer_suffix,
-            "n_samples": len(samples), "mask": mask,
+            "n_samples": len(samples), "mask": mask, "profile": profile,
             "fingerprint": dict(fingerprint or {}, model=bundle.name, layers=layers, reference=reference,
-                                answer_suffix=answer_suffix, mask=mask)}
+                                answer_suffix=answer_suffix, mask=mask, profile=profile)}
     if info.is_main:
         check_or_write_meta(out, meta, write=True)
     dist.barrier(info)
@@ -179,7 +202,9 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
     ordered = sorted(samples, key=lambda s: _length_key(s, dynamic))
     mine = [s for s in dist.shard(ordered, info) if s.sid not in finished]
     batches = [list(range(i, min(i + batch_size, len(mine)))) for i in range(0, len(mine), batch_size)]
-    encoder = Encoder(bundle, reference, answer_suffix, prefix_sharing)
+    from ..paper import SEPARATOR
+
+    encoder = Encoder(bundle, reference, answer_suffix, prefix_sharing, sep=SEPARATOR if profile == "authors" else "\n")
     runner = MapRunner(bundle, layers=layers, prefix_sharing=prefix_sharing, backend=backend)
     loader = torch.utils.data.DataLoader(_Prepared(mine, encoder), batch_sampler=batches, num_workers=workers,
                                          collate_fn=_as_list)
@@ -203,7 +228,7 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
             good = [it for it in items if it.error is None]
             for group in _split_by_prefix(good):
                 try:
-                    results += _results(runner.run(group), group, mask, keep_maps, backend)
+                    results += _results(runner.run(group), group, mask, keep_maps, backend, profile)
                 except (ValueError, RuntimeError) as e:
                     if len(group) == 1:
                         rejects.append(Reject(group[0].sample.source, group[0].sample.line,
@@ -212,7 +237,7 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
                     # One bad sample must not cost its batch: retry one by one.
                     for it in group:
                         try:
-                            results += _results(runner.run([it]), [it], mask, keep_maps, backend)
+                            results += _results(runner.run([it]), [it], mask, keep_maps, backend, profile)
                         except (ValueError, RuntimeError) as e1:
                             rejects.append(Reject(it.sample.source, it.sample.line,
                                                   f"{type(e1).__name__}: {e1}", it.sample.sid))
@@ -255,7 +280,8 @@ def run(args) -> int:
             shutil.rmtree(args.out)
         dist.barrier(info)
         bundle = load_model(args.model, device=dist.device_for(info, args.device), dtype=args.dtype,
-                            attn_implementation=args.attn_implementation, seed=args.seed)
+                            attn_implementation=args.attn_implementation, seed=args.seed,
+                            vision_tower=args.vision_tower)
         samples, rejects = load_samples(args.data, fmt=args.format, image_root=args.image_root,
                                         image_pattern=args.image_pattern, seed=args.seed, limit=args.limit)
         L, _ = bundle.n_layers_heads()
@@ -273,7 +299,7 @@ def run(args) -> int:
               save_maps=args.save_maps, overlays=args.overlays, workers=workers,
               prefix_sharing=not args.no_prefix_sharing, backend=args.backend, fingerprint=fp, info=info,
               progress=not args.no_progress, report=not args.no_report, throttle=args.throttle,
-              log=(print if info.is_main else (lambda *a, **k: None)))
+              log=(print if info.is_main else (lambda *a, **k: None)), profile=args.profile)
     finally:
         dist.finish(info)
     return 0
