@@ -346,6 +346,11 @@ def test_cli_sweep_heads_refine_on_a_huatuo_checkpoint(tmp_path, tower, profile,
                  "--where", "dataset_name=VQA-RAD"]) == 0
     run = json.load(open(os.path.join(rout, "run.json")))
     assert run["profile"] == profile and run["where"] == {"dataset_name": "VQA-RAD"}
+    other = "exact" if profile == "authors" else "authors"
+    with pytest.raises(SystemExit, match="different .*profile"):  # a resume with the other profile is refused
+        main(["refine", "--model", root, "--vision-tower", tower, "--profile", other, "--data", qa, "--heads",
+              os.path.join(out, "heads.json"), "--layers", "1", "--max-new-tokens", "3", "--no-progress", "--out",
+              rout, "--where", "dataset_name=VQA-RAD"])
     recs = [json.loads(l) for l in open(os.path.join(rout, "records.jsonl"))]
     assert [r["kind"] for r in recs] == ["short", "mc", "short", "mc"] and recs[1]["answer"] == "A"
     from vgkernels import paper

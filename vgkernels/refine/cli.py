@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float16, bfloat16, float32")
     p.add_argument("--backend", default="auto", help="kernel backend of the knockout layers")
-    p.add_argument("--seed", type=int, default=0, help="seed of tiny weights and demo data")
+    p.add_argument("--seed", type=int, default=0, help="seed of tiny weights, demo data and --do-sample draws")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in OUT")
     p.add_argument("--no-progress", action="store_true")
     add_reproduction_arguments(p)
