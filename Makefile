@@ -39,7 +39,8 @@ test-core: $(STAMP)
 # Everything that drives a transformers model, again on transformers 4.57 and 5.24
 # (test-core runs it on the pinned 5.23).
 TF4_TESTS := tests/integration tests/test_sweep_run.py tests/test_refine_equivalence.py tests/test_refine_sweep.py \
-             tests/test_tiny_grounded.py tests/test_device_map.py tests/peer/test_vgpatch_plugin.py
+             tests/test_tiny_grounded.py tests/test_device_map.py tests/test_llava_checkpoint.py \
+             tests/test_refine_decoding.py tests/test_profiles.py tests/peer/test_vgpatch_plugin.py
 
 test-tf4: $(TF4)/.stamp
 	PYTHONPATH=$(CURDIR)/$(TF4) $(PY) -m pytest $(TF4_TESTS) -p no:cacheprovider

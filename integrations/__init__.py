@@ -6,7 +6,9 @@
 - :mod:`.continuation` — prefix once, suffix passes and greedy decoding over a KV cache;
 - :mod:`.families` — the ``model_type`` table and :func:`get_shim`;
 - :mod:`.llava`, :mod:`.qwen`, :mod:`.splice` — the family shims (they know the models,
-  not the kernels).
+  not the kernels);
+- :mod:`.llava_codebase` — LLaVA-codebase checkpoints (HuatuoGPT-Vision, LLaVA-1.5,
+  LLaVA-Med v1.5) on plain transformers (``splice.load_llava_checkpoint``).
 
 Importing this package does not import transformers; its modules do so on first use.
 """

@@ -20,7 +20,7 @@ tower), with the helpers here:
   computed for the same rows;
 - :func:`taken_over`: the patched layers of a suffix pass, under the one takeover of
   :mod:`.takeover` with an explicit :class:`~.takeover.CallPlan`;
-- :func:`greedy_decode`.
+- :func:`decode` (greedy by default, or :class:`Sampling` as ``generate`` samples).
 """
 from __future__ import annotations
 
@@ -197,27 +197,100 @@ def shift_positions(pos: torch.Tensor, cols: torch.Tensor, steps: torch.Tensor) 
     return base[..., None] + steps.to(pos.device)
 
 
-def greedy_decode(stack: TextStack, first_logits: torch.Tensor, cache, key_mask: torch.Tensor,
-                  last_pos: torch.Tensor, *, max_new_tokens: int, eos: Sequence[int], pad_id: int,
-                  on_step: Optional[Callable] = None):
-    """Greedy decoding from the logits of the last prompt row.
+@dataclass(frozen=True)
+class Sampling:
+    """How :func:`decode` picks each token, with transformers ``generate``'s semantics and
+    order: repetition penalty (a logit of an id already in the history is divided by
+    ``repetition_penalty`` when positive, multiplied when negative), then — when
+    ``do_sample`` — temperature, top-k, top-p, and a draw from the softmax with a
+    ``torch.Generator`` seeded with ``seed`` at the start of each :func:`decode` (so the
+    same seed gives the same draws as ``torch.manual_seed(seed)`` before ``generate``,
+    and every VGRefine setting decodes with the same stream). Without ``do_sample`` the
+    token is the argmax. Settings not given are off (no defaults are read from the
+    model's ``generation_config``)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k: expected >= 0 (0: off), got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty: expected > 0, got {self.repetition_penalty!r}")
+
+    def penalise(self, logits: torch.Tensor, seen: Optional[torch.Tensor]) -> torch.Tensor:
+        if seen is None or self.repetition_penalty == 1.0:
+            return logits
+        hit = torch.where(logits < 0, logits * self.repetition_penalty, logits / self.repetition_penalty)
+        return torch.where(seen, hit, logits)
+
+    def choose(self, logits: torch.Tensor, seen: Optional[torch.Tensor], generator) -> torch.Tensor:
+        """The next token ``(B,)`` from float32 logits ``(B, V)``."""
+        x = self.penalise(logits, seen)
+        if not self.do_sample:
+            return x.argmax(-1)
+        x = x / self.temperature
+        if self.top_k:
+            kth = torch.topk(x, min(self.top_k, x.shape[-1]), dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            srt, order = torch.sort(x, dim=-1)  # ascending: drop the low tail holding <= 1 - top_p
+            drop = srt.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            drop[..., -1] = False
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(x.softmax(-1), 1, generator=generator)[:, 0]
+
+    def generator(self, device) -> Optional[torch.Generator]:
+        if not self.do_sample or self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(int(self.seed))
+
+
+GREEDY = Sampling()
+
+
+def decode(stack: TextStack, first_logits: torch.Tensor, cache, key_mask: torch.Tensor, last_pos: torch.Tensor, *,
+           max_new_tokens: int, eos: Sequence[int], pad_id: int, sampling: Sampling = GREEDY,
+           history: Optional[torch.Tensor] = None, on_step: Optional[Callable] = None):
+    """Decode from the logits of the last prompt row (greedy, or as ``sampling`` says).
 
     ``key_mask (B, T)`` bool over the cached columns, ``last_pos (..., B, 1)`` the position of
-    each sample's last prompt token. Returns ``(tokens (B, G) long, logits list of (B, V))``;
-    after a sample's EOS its tokens are ``pad_id``.
+    each sample's last prompt token, ``history (B, T0)`` ids the repetition penalty counts
+    besides the generated ones (negative entries are ignored: padding, the image sentinel) (``generate`` counts its ``input_ids``: the prompt for HF
+    VLMs, nothing for the LLaVA codebase, which generates from embeddings). Returns
+    ``(tokens (B, G) long, logits list of (B, V))`` (the model's logits, before the
+    penalty); after a sample's EOS its tokens are ``pad_id``.
     """
     B = first_logits.shape[0]
     dev = first_logits.device
     eos_t = torch.tensor(list(eos), device=dev) if eos else None
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros_like(first_logits, dtype=torch.bool)
+        if history is not None and history.numel():
+            h = history.to(dev)  # negative ids (the image sentinel) are not tokens
+            hits = torch.zeros_like(first_logits).scatter_add_(1, h.clamp_min(0), (h >= 0).to(first_logits.dtype))
+            seen = hits > 0
+    gen = sampling.generator(dev)
     toks, all_logits = [], []
     logits = first_logits
     mask = key_mask.long()
     for g in range(max_new_tokens):
         all_logits.append(logits)
-        tok = logits.argmax(-1)
+        tok = sampling.choose(logits, seen, gen)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks.append(tok)
+        if seen is not None:
+            seen[torch.arange(B, device=dev), tok] = True
         if eos_t is not None:
             done = done | torch.isin(tok, eos_t)
         if g == max_new_tokens - 1 or bool(done.all()):
@@ -230,3 +303,9 @@ def greedy_decode(stack: TextStack, first_logits: torch.Tensor, cache, key_mask:
             on_step()
         logits = stack.lm_head(hidden[:, -1]).float()
     return torch.stack(toks, dim=1), all_logits
+
+
+def greedy_decode(stack: TextStack, first_logits: torch.Tensor, cache, key_mask: torch.Tensor,
+                  last_pos: torch.Tensor, **kw):
+    """:func:`decode` with greedy choice (kept for callers of the earlier name)."""
+    return decode(stack, first_logits, cache, key_mask, last_pos, sampling=GREEDY, **kw)

@@ -5,16 +5,16 @@ what a family *does* (image tokens, chat text, where its language model sits, ho
 positions continue after a KV cache) lives in its shim module.
 
 =================  ==========  ==================================================
-model_type          shim        checkpoint class
+model_type          shim        checkpoint class / loader
 =================  ==========  ==================================================
 ``llava``           llava       ``LlavaForConditionalGeneration`` (LLaVA-1.5-HF, LLaVA-Med-HF)
 ``llava_next``      llava       ``LlavaNextForConditionalGeneration``
 ``qwen2_vl``        qwen        ``Qwen2VLForConditionalGeneration``
 ``qwen2_5_vl``      qwen        ``Qwen2_5_VLForConditionalGeneration``
-``llava_qwen2``     splice      LLaVA-codebase HuatuoGPT-Vision (Qwen2 LLM)
-``llava_llama``     splice      LLaVA-codebase LLaVA-1.5 / VILA (Llama LLM)
-``llava_mistral``   splice      LLaVA-codebase LLaVA-Med v1.5 (Mistral LLM)
-``vila``            splice      VILA / VILA-M3 / NVILA (LLM at ``.llm``)
+``llava_qwen2``     splice      LLaVA-codebase HuatuoGPT-Vision (Qwen2 LLM): ``load_llava_checkpoint``
+``llava_llama``     splice      LLaVA-codebase LLaVA-1.5 / VILA (Llama LLM): ``load_llava_checkpoint``
+``llava_mistral``   splice      LLaVA-codebase LLaVA-Med v1.5 (Mistral LLM): ``load_llava_checkpoint``
+``vila``            splice      VILA / VILA-M3 / NVILA (LLM at ``.llm``): build it with VILA's code
 =================  ==========  ==================================================
 
 A model whose ``model_type`` is not listed is matched by its class (the transformers
@@ -38,13 +38,28 @@ SUPPORTED_FAMILIES = tuple(SHIMS)
 @dataclass(frozen=True)
 class Family:
     """One row of the table: ``shim`` names a key of :data:`SHIMS`; ``hf_class`` is the
-    transformers class a checkpoint of this type loads with (None: the LLaVA codebase's
-    own layout, loaded by :func:`vgkernels.integrations.splice.load_llava_checkpoint`)."""
+    transformers class a checkpoint of this type loads with; otherwise ``loader``
+    (``"module:function"``, called as ``f(path, vision_tower=, torch_dtype=,
+    attn_implementation=) -> (model, processor)``) loads the LLaVA codebase's own layout.
+    A row with neither cannot be loaded from a directory."""
 
     model_type: str
     shim: str
     hf_class: Optional[str]
     description: str
+    loader: Optional[str] = None
+
+    def load_function(self):
+        """The loader named by :attr:`loader` (imported on use), or None."""
+        if self.loader is None:
+            return None
+        import importlib
+
+        module, _, name = self.loader.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_LLAVA_CODEBASE = "vgkernels.integrations.splice:load_llava_checkpoint"
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -52,9 +67,9 @@ FAMILIES = {f.model_type: f for f in (
     Family("llava_next", "llava", "LlavaNextForConditionalGeneration", "LLaVA-NeXT"),
     Family("qwen2_vl", "qwen", "Qwen2VLForConditionalGeneration", "Qwen2-VL"),
     Family("qwen2_5_vl", "qwen", "Qwen2_5_VLForConditionalGeneration", "Qwen2.5-VL"),
-    Family("llava_qwen2", "splice", None, "LLaVA codebase, Qwen2 LLM (HuatuoGPT-Vision)"),
-    Family("llava_llama", "splice", None, "LLaVA codebase, Llama LLM (LLaVA-1.5, VILA)"),
-    Family("llava_mistral", "splice", None, "LLaVA codebase, Mistral LLM (LLaVA-Med v1.5)"),
+    Family("llava_qwen2", "splice", None, "LLaVA codebase, Qwen2 LLM (HuatuoGPT-Vision)", _LLAVA_CODEBASE),
+    Family("llava_llama", "splice", None, "LLaVA codebase, Llama LLM (LLaVA-1.5, VILA)", _LLAVA_CODEBASE),
+    Family("llava_mistral", "splice", None, "LLaVA codebase, Mistral LLM (LLaVA-Med v1.5)", _LLAVA_CODEBASE),
     Family("vila", "splice", None, "VILA / VILA-M3 / NVILA"),
 )}
 

@@ -4,7 +4,9 @@
 (:mod:`.families`), which the sweep and VGRefine ask for everything family-specific
 (how to call the processor, the chat text, where the LLM is, how positions continue
 after a KV cache). A local directory is recognised by its ``config.json``'s
-``model_type`` through the one family table; built-in tiny models are those of
+``model_type`` through the one family table (a transformers class, or the row's loader:
+LLaVA-codebase checkpoints such as HuatuoGPT-Vision, with ``vision_tower=`` their CLIP
+tower's folder when the config does not name a local one); built-in tiny models are those of
 :data:`vgkernels.tiny.TINY_MODELS`, optionally sized: ``tiny-llava:num_layers=8``.
 """
 from __future__ import annotations
@@ -105,7 +107,7 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
 def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
                attn_implementation: Optional[str] = None, seed: int = 0, tiny_overrides: Optional[dict] = None,
                device_map: Optional[Union[str, dict]] = None, max_memory: Optional[dict] = None,
-               offload_folder: Optional[str] = None) -> ModelBundle:
+               offload_folder: Optional[str] = None, vision_tower: Optional[str] = None) -> ModelBundle:
     """Load ``name``: a built-in tiny model or a local checkpoint directory.
 
     ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32
@@ -118,6 +120,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
     modules that fit nowhere go to ``offload_folder`` on disk. The bundle's ``device`` is
     then the one holding the input embeddings, where inputs are placed. Loading never
     turns into tensor parallelism (see :func:`single_process_loading`).
+    ``vision_tower`` is the local CLIP tower folder of a LLaVA-codebase checkpoint (default:
+    its config's ``mm_vision_tower``).
     """
     from vgkernels.tiny import TINY_MODELS
 
@@ -153,10 +157,26 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
     fam = FAMILIES.get(mtype)
     if fam is None:
         raise ValueError(f"model: {name!r} has model_type {mtype!r}; supported: {sorted(FAMILIES)}")
+    if vision_tower is not None and fam.hf_class is not None:
+        raise ValueError(f"vision_tower: only LLaVA-codebase checkpoints take a separate vision tower; {name!r} has "
+                         f"model_type {mtype!r} ({fam.hf_class})")
     if fam.hf_class is None:
-        raise ValueError(f"model: {name!r} is a LLaVA-codebase checkpoint (model_type {mtype!r}), which this "
-                         "version cannot load without the authors' code; build the model there and pass it to "
-                         "the Python API (vgkernels.sweep.command.sweep with a ModelBundle)")
+        load = fam.load_function()
+        if load is None:
+            raise ValueError(f"model: {name!r} has model_type {mtype!r} ({fam.description}), which cannot be loaded "
+                             "from a directory without its own code; build the model there and pass it to the Python "
+                             "API (vgkernels.sweep.command.sweep with a ModelBundle)")
+        try:
+            with single_process_loading():
+                model, proc = load(name, vision_tower=vision_tower, torch_dtype=dt,
+                                   attn_implementation=attn_implementation, device_map=device_map)
+        except ValueError as e:
+            raise ValueError(f"model: {name!r} is a LLaVA-codebase checkpoint (model_type {mtype!r}) that cannot be "
+                             f"loaded: {e}") from e
+        check_not_tensor_parallel(model, name)
+        if device_map is not None:
+            return ModelBundle(os.path.abspath(name), model.eval(), proc, input_device(model))
+        return ModelBundle(os.path.abspath(name), model.to(dev).eval(), proc, dev)
     import transformers
 
     cls = getattr(transformers, fam.hf_class)

@@ -3,8 +3,10 @@ a transformers CausalLM runs.
 
 Covered: HuatuoGPT-Vision (``LlavaQwen2ForCausalLM``, a Qwen2 LLM), the original LLaVA-1.5
 and LLaVA-Med (``LlavaLlamaForCausalLM``, ``LlavaMistralForCausalLM``), VILA / VILA-M3 /
-NVILA (``LlavaLlamaModel`` with the LLM at ``.llm``). Their code cannot be installed here;
-the tests use the stand-ins of :mod:`vgkernels.tiny`.
+NVILA (``LlavaLlamaModel`` with the LLM at ``.llm``). Checkpoints of the first three load
+without the original package through :func:`load_llava_checkpoint` (classes in
+:mod:`.llava_codebase`, which the built-in ``tiny-splice`` model also uses); VILA is
+covered by the stand-in of :mod:`vgkernels.tiny`.
 
 The contract this shim relies on (and nothing more):
 
@@ -27,7 +29,9 @@ The contract this shim relies on (and nothing more):
    where ``k_j`` is the sentinel's index among the real ids. The shim checks that the
    counts add up and raises otherwise (e.g. after the codebase's truncation to
    ``tokenizer_model_max_length``).
-4. **How N maps to the image.** ``N = g²`` tokens of a square ``g × g`` grid. LLaVA-1.5 /
+4. **How N maps to the image.** ``N = g²`` tokens of a square ``g × g`` grid, or
+   ``g² + 1`` with the CLS token first when ``config.mm_vision_select_feature ==
+   "cls_patch"`` (its cell is a NaN row: it has no place). LLaVA-1.5 /
    HuatuoGPT / LLaVA-Med emit it row-major. VILA-1.5 / VILA-M3's ``mlp_downsample``
    projector (``config.mm_projector_type == "mlp_downsample"``) reshapes with its
    ``flat_square`` so that the merged tokens come **column-major**: sequence token ``s``
@@ -43,8 +47,8 @@ from typing import Optional
 
 import torch
 
-from .base import (Shim, call_arg, expand2square_cells, find_decoder, layout, perfect_square, resize_crop_cells,
-                   size_pairs, squash_cells)
+from .base import (Shim, call_arg, cls_row, expand2square_cells, find_decoder, layout, perfect_square,
+                   resize_crop_cells, size_pairs, squash_cells)
 
 from vgkernels.constants import IMAGE_TOKEN_INDEX
 
@@ -63,6 +67,7 @@ class SpliceShim(Shim):
             raise ValueError(f"splice: token_order must be 'row' or 'column', got {token_order!r}")
         self.token_order = token_order
         self.aspect = getattr(cfg, "image_aspect_ratio", "pad")
+        self.cls_first = getattr(cfg, "mm_vision_select_feature", "patch") == "cls_patch"
         self.side = image_side or _processed_side(model, processor)
 
     @classmethod
@@ -140,11 +145,15 @@ class SpliceShim(Shim):
         for per in found:
             lays = []
             for s, n in per:
-                g = perfect_square(n, "splice")
+                g = perfect_square(n - int(self.cls_first), "splice")
                 size = sizes[i] if sizes is not None else None
                 cells = self._cells((g, g), size)
+                if self.cls_first:
+                    cells = cls_row(cells)
                 extra = {"family": "splice"}
                 if self.token_order == "column":
+                    if self.cls_first:
+                        raise ValueError("splice: column-major tokens with a CLS token are not supported")
                     t = torch.arange(n)
                     # row-major token t = (y, x) sits at sequence offset x·g + y
                     extra["sequence_order"] = (t % g) * g + t // g
@@ -160,6 +169,50 @@ class SpliceShim(Shim):
         if self.aspect == "resize":
             return squash_cells(grid, size, (side, side))
         return resize_crop_cells(grid, size, side, (side, side))
+
+
+def load_llava_checkpoint(path: str, *, vision_tower: Optional[str] = None, torch_dtype=None, device_map=None,
+                          attn_implementation: Optional[str] = None, chat: Optional[str] = None):
+    """Load a LLaVA-codebase checkpoint directory without the original package.
+
+    ``path`` holds ``config.json`` with ``model_type`` ``llava_qwen2`` (HuatuoGPT-Vision),
+    ``llava_llama`` (LLaVA-1.5) or ``llava_mistral`` (LLaVA-Med v1.5), the weights under the
+    code base's names (``model.safetensors`` or its sharded index; ``pytorch_model*.bin``
+    read with ``torch.load(weights_only=True)``) and the tokenizer files. Nothing runs
+    ``trust_remote_code``.
+
+    Parameters
+    ----------
+    vision_tower
+        Local directory of the CLIP tower (``config.json``, ``preprocessor_config.json``,
+        weights). Default: the config's ``mm_vision_tower`` as a path, absolute or
+        relative to ``path``; a hub id is refused with what to do (nothing is downloaded).
+        Vision weights saved in the checkpoint (``model.vision_tower.*``) override the
+        tower's own.
+    torch_dtype
+        dtype of the model (default: transformers' ``from_pretrained`` default).
+    device_map
+        A device (``"cuda"``, ``"cuda:1"``, ``torch.device``): the model is moved there;
+        ``"auto"`` or a dict: handed to ``from_pretrained`` (needs ``accelerate``).
+    attn_implementation
+        The LLM's attention (default: transformers' choice, sdpa).
+    chat
+        Chat format: ``"huatuo"``, ``"vicuna_v1"`` or ``"mistral_instruct"``; default by
+        ``model_type`` (in that order).
+
+    Returns ``(model, processor)``: the model (eval mode) is a transformers
+    ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` / ``MistralForCausalLM`` subclass
+    (:mod:`.llava_codebase`) whose ``forward``/``generate`` take ``images=`` and splice
+    them at ``IMAGE_TOKEN_INDEX``; the processor applies ``mm_vision_select_layer`` /
+    ``_feature``, ``image_aspect_ratio`` (``"pad"``: ``expand2square`` with the image
+    mean colour) and the chat format. Unsupported settings (``mm_projector_type`` other
+    than ``linear`` / ``mlp<N>x_gelu``, anyres tiling, image start/end tokens) raise
+    ``ValueError`` naming the field.
+    """
+    from .llava_codebase import load_checkpoint
+
+    return load_checkpoint(path, vision_tower=vision_tower, torch_dtype=torch_dtype, device_map=device_map,
+                           attn_implementation=attn_implementation, chat=chat)
 
 
 def _processed_side(model, processor) -> Optional[int]:

@@ -20,10 +20,10 @@ runs (vision tower, projector, image-token expansion, M-RoPE, anyres tiles, KV c
 ``tiny-qwen2-vl``      ``Qwen2VLForConditionalGeneration``: ``<|image_pad|>`` runs from
                        ``image_grid_thw`` with the 2×2 merge, M-RoPE; ``smart_resize``.
 ``tiny-qwen2.5-vl``    ``Qwen2_5_VLForConditionalGeneration`` (windowed vision attention).
-``tiny-splice``        :class:`TinySpliceForCausalLM`, a stand-in for the LLaVA codebase
-                       (HuatuoGPT-Vision, original LLaVA-1.5 / LLaVA-Med): a transformers
+``tiny-splice``        ``LlavaQwen2ForCausalLM`` (:mod:`vgkernels.integrations.llava_codebase`),
+                       the class HuatuoGPT-Vision checkpoints load into: a transformers
                        ``Qwen2ForCausalLM`` whose image features replace the sentinel
-                       ``-200`` before the LLM runs.
+                       ``-200`` before the LLM runs; random weights.
 ``tiny-splice-vila``   :class:`TinyVilaForCausalLM`, a stand-in for VILA / VILA-M3 / NVILA:
                        the LLM sits at ``.llm`` and ``mlp_downsample`` emits its tokens in
                        column-major order.
@@ -47,7 +47,6 @@ import copy
 import math
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -396,277 +395,26 @@ def build_qwen2_5_vl(seed: int = 0, **overrides):
 # ----------------------------------------------------------------------------- splice stand-ins
 
 
-def expand2square(image, background):
-    """The LLaVA codebase's ``expand2square``: pad the shorter side, centred, with
-    ``background`` (the processor mean as 0-255 ints). Returns a new PIL image."""
-    from PIL import Image
+def _tiny_clip_tower(image_size: int, seed: int, select_feature: str = "patch"):
+    """A random tiny CLIP ViT as the LLaVA code base wraps it (penultimate layer)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    out = Image.new(image.mode, (side, side), background)
-    out.paste(image, ((side - w) // 2, (side - h) // 2))
-    return out
+    from vgkernels.integrations.llava_codebase import CLIPTower
+
+    cfg = CLIPVisionConfig(**{k: v for k, v in _clip_vision(image_size).items() if k != "model_type"})
+    torch.manual_seed(seed + 1)
+    return CLIPTower(CLIPVisionModel(cfg), select_layer=-2, select_feature=select_feature)
 
 
-class SpliceBatch(dict):
-    """What the LLaVA codebase's preprocessing hands its model (a dict subclass so that
-    ``model(**batch)`` and ``model.generate(**batch)`` work)."""
+def _splice_processor(tok, image_size: int, chat: str):
+    """The LLaVA code base's preprocessing (``expand2square`` + CLIP, ``tokenizer_image_token``)."""
+    from vgkernels.integrations.llava_codebase import CHAT_TEMPLATES, LlavaCodebaseProcessor
 
-    def __init__(self, **kw):
-        dict.__init__(self, **kw)
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError as e:
-            raise AttributeError(name) from e
+    return LlavaCodebaseProcessor(tok, _clip_image_processor(image_size), image_aspect_ratio="pad",
+                                  chat_template=CHAT_TEMPLATES[chat])
 
 
-class SpliceProcessor:
-    """Preprocessing of the LLaVA codebase, rebuilt: ``expand2square`` + CLIP resize for
-    images, ``tokenizer_image_token`` for text (``<image>`` becomes ``IMAGE_TOKEN_INDEX``).
-
-    ``processor(images=[...], text=[...], padding_side="left")`` returns
-    ``input_ids (B, S)`` with ``-200`` sentinels, ``attention_mask``, ``images
-    (n_img, 3, side, side)`` and ``image_sizes`` (``(width, height)`` per image).
-    """
-
-    def __init__(self, tokenizer, image_size: int, image_aspect_ratio: str = "pad"):
-        self.tokenizer = tokenizer
-        self.image_size = int(image_size)
-        self.image_aspect_ratio = image_aspect_ratio
-        self.image_mean = CLIP_MEAN
-        self.image_std = CLIP_STD
-        self.chat_template = LLAVA_CHAT_TEMPLATE
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kw):
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False, chat_template=self.chat_template)
-
-    def process_images(self, images) -> torch.Tensor:
-        from PIL import Image
-
-        out = []
-        for im in images:
-            im = im.convert("RGB")
-            if self.image_aspect_ratio == "pad":
-                im = expand2square(im, tuple(int(c * 255) for c in self.image_mean))
-            # CLIP: shortest side to `side`, centre crop; after expand2square the crop is a no-op.
-            w, h = im.size
-            sc = self.image_size / min(w, h)
-            nw, nh = max(self.image_size, round(w * sc)), max(self.image_size, round(h * sc))
-            im = im.resize((nw, nh), Image.BICUBIC)
-            l, t = (nw - self.image_size) // 2, (nh - self.image_size) // 2
-            im = im.crop((l, t, l + self.image_size, t + self.image_size))
-            x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy())
-            x = (x / 255.0 - torch.tensor(self.image_mean)) / torch.tensor(self.image_std)
-            out.append(x.permute(2, 0, 1))
-        return torch.stack(out)
-
-    def tokenizer_image_token(self, prompt: str) -> list[int]:
-        parts = prompt.split("<image>")
-        ids: list[int] = []
-        for i, p in enumerate(parts):
-            if i:
-                ids.append(IMAGE_TOKEN_INDEX)
-            ids.extend(self.tokenizer(p, add_special_tokens=False).input_ids)
-        return ids
-
-    def __call__(self, images=None, text=None, padding_side: str = "left", return_tensors="pt"):
-        texts = [text] if isinstance(text, str) else list(text)
-        rows = [self.tokenizer_image_token(t) for t in texts]
-        S = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), S), pad, dtype=torch.long)
-        att = torch.zeros(len(rows), S, dtype=torch.long)
-        for i, r in enumerate(rows):
-            if padding_side == "left":
-                ids[i, S - len(r):] = torch.tensor(r)
-                att[i, S - len(r):] = 1
-            else:
-                ids[i, : len(r)] = torch.tensor(r)
-                att[i, : len(r)] = 1
-        batch = SpliceBatch(input_ids=ids, attention_mask=att)
-        if images is not None:
-            ims = [images] if not isinstance(images, (list, tuple)) else list(images)
-            batch["images"] = self.process_images(ims)
-            batch["image_sizes"] = [tuple(im.size) for im in ims]
-        return batch
-
-    def batch_decode(self, *a, **kw):
-        return self.tokenizer.batch_decode(*a, **kw)
-
-    def decode(self, *a, **kw):
-        return self.tokenizer.decode(*a, **kw)
-
-
-class _TinyVisionTower(nn.Module):
-    """A CLIP ViT without CLS handling surprises: patches -> ``(n_img, (side/p)², C)``.
-
-    Mirrors the LLaVA codebase's ``CLIPVisionTower`` with ``select_feature="patch"``
-    (the CLS token is dropped) and ``select_layer=-2``.
-    """
-
-    def __init__(self, image_size: int, patch: int, seed: int):
-        super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        cfg = CLIPVisionConfig(**{k: v for k, v in _clip_vision(image_size, patch).items() if k != "model_type"})
-        torch.manual_seed(seed + 1)
-        self.vision_tower = CLIPVisionModel(cfg)
-        self.image_size, self.patch = image_size, patch
-        self.hidden_size = cfg.hidden_size
-
-    @property
-    def num_patches_per_side(self) -> int:
-        return self.image_size // self.patch
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.vision_tower(images.to(self.vision_tower.dtype), output_hidden_states=True)
-        return out.hidden_states[-2][:, 1:]
-
-
-def _mlp2x_gelu(cin: int, cout: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(cin, cout), nn.GELU(), nn.Linear(cout, cout))
-
-
-class _SpliceMixin:
-    """The LLaVA codebase's ``prepare_inputs_labels_for_multimodal``, rebuilt.
-
-    Per sample: the text embeddings of the ids between sentinels, with the ``N`` feature
-    rows of the ``i``-th image put where the ``i``-th ``-200`` stood; samples are then
-    padded to the longest — on the right, or on the left when the config says
-    ``tokenizer_padding_side = "left"`` (the LLaVA codebase's two choices). The LLM
-    receives ``inputs_embeds`` and the new ``attention_mask``; it never sees ids.
-    """
-
-    def _embed_tokens(self) -> nn.Module:
-        return self._llm().get_input_embeddings()
-
-    def splice(self, input_ids, attention_mask, image_features: list):
-        embed = self._embed_tokens()
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        rows = []
-        img_i = 0
-        for b in range(input_ids.shape[0]):
-            ids = input_ids[b][attention_mask[b].bool()]
-            pieces = []
-            cut = [-1] + torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist() + [ids.numel()]
-            for j in range(len(cut) - 1):
-                seg = ids[cut[j] + 1: cut[j + 1]]
-                pieces.append(embed(seg))
-                if j < len(cut) - 2:
-                    pieces.append(image_features[img_i])
-                    img_i += 1
-            rows.append(torch.cat(pieces, dim=0))
-        S = max(r.shape[0] for r in rows)
-        D = rows[0].shape[1]
-        emb = torch.zeros(len(rows), S, D, dtype=rows[0].dtype, device=rows[0].device)
-        mask = torch.zeros(len(rows), S, dtype=attention_mask.dtype, device=attention_mask.device)
-        left = getattr(self.config, "tokenizer_padding_side", "right") == "left"
-        for b, r in enumerate(rows):
-            n = r.shape[0]
-            if left:
-                emb[b, S - n:], mask[b, S - n:] = r, 1
-            else:
-                emb[b, :n], mask[b, :n] = r, 1
-        return emb, mask
-
-
-class TinySpliceForCausalLM(_SpliceMixin, nn.Module):
-    """Stand-in for the LLaVA codebase's ``LlavaQwen2ForCausalLM`` (HuatuoGPT-Vision) and
-    ``LlavaLlamaForCausalLM`` / ``LlavaMistralForCausalLM`` (LLaVA-1.5, LLaVA-Med).
-
-    What each part mirrors:
-
-    - ``self.model`` is the transformers decoder (``Qwen2Model``; the real class
-      subclasses it and adds ``vision_tower`` and ``mm_projector``), so the decoder
-      layers are ``model.model.layers`` and ``self.lm_head`` is the head: here a real
-      ``Qwen2ForCausalLM`` sits at ``self.lm`` and ``model``/``lm_head`` point into it.
-    - ``get_vision_tower()`` / ``get_model().mm_projector``: CLIP patch features
-      (``select_layer=-2``, CLS dropped) then ``mlp2x_gelu``: ``N = (side/patch)²`` per image.
-    - ``encode_images(images) -> (n_img, N, C)``.
-    - ``prepare_inputs_labels_for_multimodal(input_ids, position_ids, attention_mask,
-      past_key_values, labels, images)``: the splice (see :class:`_SpliceMixin`); during
-      decode steps (a KV cache and one new token) it passes the ids through.
-    - ``forward(input_ids, attention_mask, images, ...)`` splices then calls the LLM with
-      ``inputs_embeds``; ``generate(inputs, images, ...)`` splices once then calls the
-      LLM's ``generate(inputs_embeds=..., attention_mask=...)`` — as the real code does.
-    """
-
-    def __init__(self, llm, vision: _TinyVisionTower, image_size: int, tokenizer_padding_side: str = "right"):
-        super().__init__()
-        self.lm = llm
-        self.config = llm.config
-        self.config.tokenizer_padding_side = tokenizer_padding_side
-        self.config.image_aspect_ratio = "pad"
-        self.config.mm_vision_tower = "tiny-clip"
-        self.vision_tower = vision
-        self.mm_projector = _mlp2x_gelu(vision.hidden_size, llm.config.hidden_size)
-
-    # The real class *is* the CausalLM; attribute access mirrors it.
-    @property
-    def model(self):
-        return self.lm.model
-
-    @property
-    def lm_head(self):
-        return self.lm.lm_head
-
-    @property
-    def generation_config(self):
-        return self.lm.generation_config
-
-    @property
-    def device(self):
-        return self.lm.device
-
-    @property
-    def dtype(self):
-        return self.lm.dtype
-
-    def get_model(self):
-        return self
-
-    def get_vision_tower(self):
-        return self.vision_tower
-
-    def _llm(self):
-        return self.lm
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.mm_projector(self.vision_tower(images))
-
-    def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values,
-                                             labels, images, image_sizes=None):
-        if images is None or input_ids.shape[1] == 1:
-            return input_ids, position_ids, attention_mask, past_key_values, None, labels
-        feats = list(self.encode_images(images))
-        emb, mask = self.splice(input_ids, attention_mask, feats)
-        return None, None, mask, past_key_values, emb, labels
-
-    def forward(self, input_ids=None, attention_mask=None, images=None, image_sizes=None, inputs_embeds=None,
-                past_key_values=None, position_ids=None, labels=None, **kw):
-        if inputs_embeds is None:
-            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels = (
-                self.prepare_inputs_labels_for_multimodal(input_ids, position_ids, attention_mask, past_key_values,
-                                                          labels, images, image_sizes)
-            )
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                       past_key_values=past_key_values, position_ids=position_ids, labels=labels, **kw)
-
-    @torch.no_grad()
-    def generate(self, inputs=None, images=None, image_sizes=None, attention_mask=None, input_ids=None, **kw):
-        inputs = inputs if inputs is not None else input_ids
-        _, _, mask, _, emb, _ = self.prepare_inputs_labels_for_multimodal(inputs, None, attention_mask, None, None,
-                                                                          images, image_sizes)
-        return self.lm.generate(inputs_embeds=emb, attention_mask=mask, **kw)
-
-
-class TinyVilaForCausalLM(_SpliceMixin, nn.Module):
+class TinyVilaForCausalLM(nn.Module):
     """Stand-in for VILA / VILA-M3 / NVILA (``LlavaLlamaModel``): the LLM is a transformers
     CausalLM at ``self.llm`` (decoder layers ``llm.model.layers``).
 
@@ -679,12 +427,12 @@ class TinyVilaForCausalLM(_SpliceMixin, nn.Module):
       ``(y, x) = (t % (g/2), t // (g/2))`` — column-major. The shim reorders to row-major.
       ``column_major=False`` gives a row-major projector instead.
     - ``_embed(input_ids, media, attention_mask)`` splices the features at the
-      sentinels (as :class:`_SpliceMixin`) and returns ``(inputs_embeds, attention_mask)``.
+      sentinels (:func:`vgkernels.integrations.llava_codebase.splice_embeddings`) and
+      returns ``(inputs_embeds, attention_mask)``.
     - ``forward`` and ``generate`` call ``self.llm`` with ``inputs_embeds`` only.
     """
 
-    def __init__(self, llm, vision: _TinyVisionTower, column_major: bool = True,
-                 tokenizer_padding_side: str = "right"):
+    def __init__(self, llm, vision, column_major: bool = True, tokenizer_padding_side: str = "right"):
         super().__init__()
         self.llm = llm
         self.config = copy.copy(llm.config)
@@ -694,7 +442,9 @@ class TinyVilaForCausalLM(_SpliceMixin, nn.Module):
         self.vision_tower = vision
         self.column_major = column_major
         c = vision.hidden_size
-        self.mm_projector = nn.Sequential(nn.LayerNorm(4 * c), _mlp2x_gelu(4 * c, llm.config.hidden_size))
+        h = llm.config.hidden_size
+        self.mm_projector = nn.Sequential(nn.LayerNorm(4 * c), nn.Sequential(nn.Linear(4 * c, h), nn.GELU(),
+                                                                              nn.Linear(h, h)))
 
     @property
     def device(self):
@@ -703,9 +453,6 @@ class TinyVilaForCausalLM(_SpliceMixin, nn.Module):
     @property
     def generation_config(self):
         return self.llm.generation_config
-
-    def _llm(self):
-        return self.llm
 
     def downsample(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, g², c) -> (n, (g/2)², 4c)``: 2×2 neighbours concatenated, merged tokens in
@@ -722,8 +469,11 @@ class TinyVilaForCausalLM(_SpliceMixin, nn.Module):
         return self.mm_projector(self.downsample(self.vision_tower(images)))
 
     def _embed(self, input_ids, media, attention_mask):
-        feats = list(self.encode_images(media))
-        return self.splice(input_ids, attention_mask, feats)
+        from vgkernels.integrations.llava_codebase import splice_embeddings
+
+        return splice_embeddings(self.llm.get_input_embeddings(), input_ids, attention_mask,
+                                 list(self.encode_images(media)),
+                                 padding_side=getattr(self.config, "tokenizer_padding_side", "right"))
 
     def forward(self, input_ids=None, attention_mask=None, images=None, image_sizes=None, **kw):
         emb, mask = self._embed(input_ids, images, attention_mask)
@@ -738,38 +488,52 @@ class TinyVilaForCausalLM(_SpliceMixin, nn.Module):
 def _build_splice(kind: str, seed: int, overrides: dict):
     import transformers
 
+    from vgkernels.integrations.llava_codebase import LlavaQwen2Config, LlavaQwen2ForCausalLM
+
     s = _sizes(overrides)
     side = s["image_size"] or (56 if kind == "llava" else 112)
     padding_side = overrides.pop("tokenizer_padding_side", "right")
     column_major = overrides.pop("column_major", True)
+    select_feature = overrides.pop("mm_vision_select_feature", "patch")
     if overrides:
         raise ValueError(f"build_tiny: unknown keyword(s) for tiny-splice: {sorted(overrides)}")
     tok = _llava_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<pad>", "<s>", "</s>")}
-    cfg = transformers.Qwen2Config(**_text_kwargs(s, len(tok), ids["<pad>"], ids["</s>"], ids["<s>"]))
-    llm = _init(transformers.Qwen2ForCausalLM, cfg, seed, s["attn_implementation"])
-    vision = _TinyVisionTower(side, 14, seed)
-    torch.manual_seed(seed + 2)
+    text_kw = _text_kwargs(s, len(tok), ids["<pad>"], ids["</s>"], ids["<s>"])
+    vision = _tiny_clip_tower(side, seed, select_feature)
     if kind == "llava":
-        model = TinySpliceForCausalLM(llm, vision, side, tokenizer_padding_side=padding_side)
+        cfg = LlavaQwen2Config(**text_kw, mm_hidden_size=vision.hidden_size, mm_projector_type="mlp2x_gelu",
+                               mm_vision_tower="tiny-clip", mm_vision_select_layer=-2,
+                               mm_vision_select_feature=select_feature, image_aspect_ratio="pad",
+                               tokenizer_padding_side=padding_side)
+        model = _init(LlavaQwen2ForCausalLM, cfg, seed, s["attn_implementation"])
+        model.attach_vision_tower(vision)
+        chat = "huatuo"
     else:
+        llm = _init(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**text_kw), seed, s["attn_implementation"])
+        torch.manual_seed(seed + 2)
         model = TinyVilaForCausalLM(llm, vision, column_major=column_major, tokenizer_padding_side=padding_side)
+        llm.generation_config.do_sample = False
+        chat = "vicuna_v1"
     model = _finish(model, s, seed)
-    llm.generation_config.do_sample = False
-    return model, SpliceProcessor(tok, side)
+    return model, _splice_processor(tok, side, chat)
 
 
 def build_splice(seed: int = 0, **overrides):
-    """:class:`TinySpliceForCausalLM` (HuatuoGPT-Vision-like) and a :class:`SpliceProcessor`.
+    """:class:`~vgkernels.integrations.llava_codebase.LlavaQwen2ForCausalLM` — the class
+    HuatuoGPT-Vision checkpoints load into — with random weights, a tiny CLIP tower and
+    the code base's preprocessing (:class:`~vgkernels.integrations.llava_codebase.LlavaCodebaseProcessor`,
+    HuatuoGPT-Vision's chat format).
 
     ``image_size`` defaults to 56: ``(56/14)² = 16`` features per image.
-    ``tokenizer_padding_side`` (``"right"``) is where the splice pads.
+    ``tokenizer_padding_side`` (``"right"``) is where the splice pads;
+    ``mm_vision_select_feature="cls_patch"`` keeps the CLS feature (17 tokens).
     """
     return _build_splice("llava", seed, overrides)
 
 
 def build_splice_vila(seed: int = 0, **overrides):
-    """:class:`TinyVilaForCausalLM` (VILA-M3-like, column-major) and a :class:`SpliceProcessor`.
+    """:class:`TinyVilaForCausalLM` (VILA-M3-like, column-major) and the code base's processor.
 
     ``image_size`` defaults to 112: an 8×8 patch grid merged to 4×4 = 16 tokens.
     """

@@ -47,7 +47,7 @@ def decoder_layers(name: str, model):
     if name == "tiny-splice-vila":
         return list(model.llm.model.layers)
     if name == "tiny-splice":
-        return list(model.lm.model.layers)
+        return list(model.model.layers)
     return list(model.model.language_model.layers)
 
 

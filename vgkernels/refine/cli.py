@@ -11,6 +11,14 @@ paper's prompt templates). Every setting of the ``K × p × layers`` grid is eva
 one capture per batch (:meth:`vgkernels.VGRefine.sweep`), next to plain greedy decoding
 ("baseline").
 
+``--profile authors`` uses the paper authors' prompts (question and answer line joined by
+a space, nothing stripped; the reference prompt with the answer line) and their scoring
+(:mod:`vgkernels.paper`); their evaluation files (a JSON list) are read in both profiles.
+Decoding is greedy unless ``--do-sample`` (``--temperature``, ``--top-p``,
+``--sample-top-k``, ``--repetition-penalty``; ``--seed`` also seeds the draws); the
+knockout applies to the prompt rows only. ``--maps question`` triages on the attention
+averaged over the question rows (the authors' "Q-mode") instead of the last prompt row.
+
 ``OUT`` holds ``run.json`` (the arguments that fix the results, written once they have
 all been validated), ``records.jsonl`` (one line per question: responses and correctness
 per method, the number of kept image tokens), ``summary.json`` and ``summary.md``
@@ -32,7 +40,8 @@ from typing import Optional
 
 from ..clitools import RunError, UsageError, logger, progress_enabled
 
-RESULT_FIELDS = ("model", "data", "heads", "settings", "max_new_tokens", "reference_prompt", "seed", "dtype")
+RESULT_FIELDS = ("model", "data", "heads", "settings", "max_new_tokens", "reference_prompt", "seed", "dtype",
+                 "profile", "maps", "decoding", "vision_tower", "where")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,10 +77,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..sweep.command import add_device_map_arguments
 
     add_device_map_arguments(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of tiny weights and demo data")
+    p.add_argument("--seed", type=int, default=0, help="seed of tiny weights, demo data and --do-sample draws")
     p.add_argument("--overwrite", action="store_true",
                    help="discard earlier results: empties OUT, only if this tool created it (.vgkernels.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_reproduction_arguments(p)
+
+
+def add_reproduction_arguments(p: argparse.ArgumentParser) -> None:
+    """Profile, LLaVA-codebase vision tower, map rows and decoding settings."""
+    p.add_argument("--profile", default="exact", choices=("exact", "authors"),
+                   help="exact (default): stripped prompts joined by newlines, normalised scoring; authors: the paper "
+                        "authors' prompts and scoring (vgkernels.paper)")
+    p.add_argument("--vision-tower", default=None, metavar="DIR",
+                   help="local CLIP tower folder of a LLaVA-codebase checkpoint (default: its config's mm_vision_tower)")
+    p.add_argument("--maps", default="last", choices=("last", "question"),
+                   help="triage maps: the last prompt row (default) or the mean over the question rows (Q-mode)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --do-sample)")
+    p.add_argument("--sample-top-k", type=int, default=None, help="generate()'s top_k (--k is the number of heads)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="generate()'s repetition penalty (1.0 = none; applies to greedy decoding too)")
+    p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
+                   help="evaluate only rows whose field equals VALUE, e.g. dataset=VQA-RAD (repeatable)")
+
+
+def decoding_settings(args) -> dict:
+    """The decoding keywords of :class:`VGRefine` from the command line."""
+    return {"do_sample": bool(args.do_sample), "temperature": args.temperature, "top_p": args.top_p,
+            "sample_top_k": args.sample_top_k, "repetition_penalty": args.repetition_penalty,
+            "seed": args.seed if args.do_sample else None}
 
 
 def _ints(text: Optional[str], what: str) -> Optional[list]:
@@ -122,7 +158,7 @@ def _load_model(args):
     from vgkernels.integrations.loaders import load_model
 
     place = {"device_map": args.device_map} if getattr(args, "device_map", None) else {"device": args.device}
-    b = load_model(args.model, dtype=args.dtype, seed=args.seed, **place)
+    b = load_model(args.model, dtype=args.dtype, seed=args.seed, vision_tower=args.vision_tower, **place)
     return b.model, b.processor, b.name
 
 
@@ -250,14 +286,20 @@ def _run_locked(args) -> int:
     from ..sweep.command import check_first_batch, reject_summary
 
     from . import eval as RE
+    from .. import paper
     from ..constants import REFERENCE_PROMPT
+    from ..sweep.heads import _parse_where
     from .method import VGRefine
 
     data = args.data
     if args.demo is not None:
         data = RE.write_demo_data(os.path.join(args.out, "demo_data"), args.demo, seed=args.seed)
     parse_rejects = []
-    rows = RE.read_rows(data, rejects=parse_rejects)
+    try:
+        where = _parse_where(args.where)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rows = RE.select_rows(RE.read_rows(data, rejects=parse_rejects), where, data)
     if args.limit is not None:
         rows = rows[: args.limit]
     if not rows:
@@ -268,11 +310,15 @@ def _run_locked(args) -> int:
         heads = parse_heads(args.heads)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    ref = REFERENCE_PROMPT if args.reference_prompt is None else args.reference_prompt
+    default_ref = paper.REFERENCE_PROMPT if args.profile == "authors" else REFERENCE_PROMPT
+    ref = default_ref if args.reference_prompt is None else args.reference_prompt
+    decoding = decoding_settings(args)
     run_info = {
         "model": args.model, "data": os.path.abspath(data), "heads": heads if isinstance(heads, str) else
         [list(h) for h in heads], "settings": [s.label() for s in settings], "max_new_tokens": args.max_new_tokens,
-        "reference_prompt": ref, "seed": args.seed, "dtype": args.dtype,
+        "reference_prompt": ref, "seed": args.seed, "dtype": args.dtype, "profile": args.profile, "maps": args.maps,
+        "decoding": decoding, "vision_tower": os.path.abspath(args.vision_tower) if args.vision_tower else None,
+        "where": where,
     }
     rec_path = os.path.join(args.out, "records.jsonl")
     _check_previous(args.out, run_info)
@@ -282,7 +328,8 @@ def _run_locked(args) -> int:
     first = settings[0]
     try:
         vr = VGRefine(model, processor, heads=heads, layers=first.layers, percentile=first.p, mode=first.mode,
-                      reference_prompt=ref, top_k=first.k, max_new_tokens=args.max_new_tokens, backend=args.backend)
+                      reference_prompt=ref, top_k=first.k, max_new_tokens=args.max_new_tokens, backend=args.backend,
+                      maps=args.maps, **decoding)
         settings = [vr.setting(s.k, s.p, s.layers, s.mode) for s in settings]
     except ValueError as e:
         # The defaults are the HuatuoGPT-Vision-7B preset (layer 16); say so when they do not fit.
@@ -315,10 +362,10 @@ def _run_locked(args) -> int:
                 if keep:
                     sub = [chunk[b] for b in keep]
                     with torch.no_grad():
-                        res = vr.sweep([images[b] for b in keep], [r.prompt() for r in sub], settings,
+                        res = vr.sweep([images[b] for b in keep], [r.prompt(args.profile) for r in sub], settings,
                                        baseline=True)
                     for b, r in enumerate(sub):
-                        rec = _record(RE, r, b, res, settings)
+                        rec = _record(RE, r, b, res, settings, args.profile)
                         out.write(json.dumps(rec) + "\n")
                         records.append(rec)
                     out.flush()
@@ -334,7 +381,8 @@ def _run_locked(args) -> int:
     records = [r for r in records if r["id"] in order]
     summary = RE.summarize(records, labels)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"model": model_name, "data": os.path.abspath(data), "n_rows": len(rows), "methods": summary}, f,
+        json.dump({"model": model_name, "data": os.path.abspath(data), "n_rows": len(rows), "profile": args.profile,
+                   "methods": summary}, f,
                   indent=2)
     table = RE.summary_table(summary)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
@@ -359,12 +407,12 @@ def _check_previous(out: str, run_info: dict) -> None:
         _check_run_info(out, run_info)
 
 
-def _record(RE, r, b, res, settings) -> dict:
+def _record(RE, r, b, res, settings, profile: str) -> dict:
     base = res[0].baseline_answers[b]
-    results = {"baseline": {"response": base, "correct": RE.is_correct(r, base)}}
+    results = {"baseline": {"response": base, "correct": RE.is_correct(r, base, profile)}}
     for st, rr in zip(settings, res):
         ans = rr.answers[b]
-        results[st.label()] = {"response": ans, "correct": RE.is_correct(r, ans),
+        results[st.label()] = {"response": ans, "correct": RE.is_correct(r, ans, profile),
                                "kept": int(rr.keep[b].sum()), "N": int(rr.keep[b].numel())}
     return {"id": r.id, "line": r.line, "kind": r.kind, "question": r.question, "answer": r.answer,
             "results": results}

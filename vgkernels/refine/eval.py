@@ -21,6 +21,11 @@ answer (the authors' rule), and the response is not empty. A multiple-choice res
 is read as a letter (``"B"``, ``"(B)"``, ``"B. Liver"``, ``"The answer is B"``) or, failing
 that, as exactly one option's text; it is correct when that letter is the gold one.
 
+Profiles. ``profile="authors"`` uses the paper authors' released conventions instead
+(:mod:`vgkernels.paper`): the question and its answer line joined by a space and nothing
+stripped, their closed-ended rule (``capitalize()``, substring either way, an empty
+response counts) and ``match_choice3`` for multiple choice.
+
 Data. A JSONL file, one question per line::
 
     {"image": "img/001.png", "question": "Is there a fracture?", "answer": "yes"}
@@ -30,6 +35,9 @@ Data. A JSONL file, one question per line::
 ``image`` is a path relative to the JSONL file (or absolute); ``options`` a list (letters
 A, B, ... in order) or an object ``{"A": ..., "B": ...}``; for multiple choice ``answer``
 is the letter or the option text. Optional: ``id`` (default: the line number).
+A JSON **list** of such objects is read too — the authors' evaluation files (HuatuoGPT-
+Vision's ``eval.py`` format): ``image`` may be a one-element list, ``answer_label`` gives
+the gold letter, ``dataset_index`` the id (default: the position).
 """
 from __future__ import annotations
 
@@ -40,9 +48,12 @@ import string
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .. import paper
 from ..constants import ANSWER_LINE
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+from ..constants import CHOICE_LINE as MC_INSTRUCTION
+
 LETTERS = string.ascii_uppercase
+PROFILES = ("exact", "authors")
 
 
 @dataclass
@@ -56,22 +67,27 @@ class VQARow:
     answer: str
     options: dict = field(default_factory=dict)
     line: int = 0
+    raw_answer: Optional[str] = None  # the answer as written in the file (the authors' rule reads it unstripped)
+    fields: dict = field(default_factory=dict)  # the row's other scalar fields (dataset, modality, ...)
 
     @property
     def kind(self) -> str:
         return "mc" if self.options else "short"
 
-    def prompt(self) -> str:
-        return format_prompt(self.question, self.options)
+    def prompt(self, profile: str = "exact") -> str:
+        return format_prompt(self.question, self.options, profile)
 
 
-def format_prompt(question: str, options: Optional[dict] = None) -> str:
-    """The paper's evaluation prompt for ``question`` (multiple choice when ``options``)."""
+def format_prompt(question: str, options: Optional[dict] = None, profile: str = "exact") -> str:
+    """The paper's evaluation prompt for ``question`` (multiple choice when ``options``):
+    stripped and joined by newlines (``"exact"``), or as the authors' code builds it
+    (``"authors"``: :func:`vgkernels.paper.question_prompt` / :func:`~vgkernels.paper.choice_prompt`)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile: expected one of {PROFILES}, got {profile!r}")
+    if profile == "authors":
+        return paper.choice_prompt(question, options) if options else paper.question_prompt(question)
     q = question.strip()
-    if options:
-        lines = [f"{k}. {v}" for k, v in options.items()]
-        return q + "\n" + "\n".join(lines) + "\n" + MC_INSTRUCTION
-    return q + "\n" + ANSWER_LINE
+    return paper.choice_prompt(q, options) if options else q + "\n" + ANSWER_LINE
 
 
 _STRIP = string.whitespace + string.punctuation.replace("%", "")
@@ -108,7 +124,11 @@ def choice_letter(response: str, options: dict) -> Optional[str]:
     return hits[0] if len(hits) == 1 else None
 
 
-def is_correct(row: VQARow, response: str) -> bool:
+def is_correct(row: VQARow, response: str, profile: str = "exact") -> bool:
+    if profile == "authors":
+        if row.kind == "mc":
+            return paper.score_choice(response, row.options) == row.answer
+        return paper.score_closed(response, row.raw_answer if row.raw_answer is not None else row.answer)
     if row.kind == "mc":
         return choice_letter(response, row.options) == row.answer
     return short_answer_correct(response, row.answer)
@@ -122,6 +142,10 @@ def parse_row(obj, path: str, line: int) -> VQARow:
     where = f"{path}:{line}"
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if isinstance(obj.get("image"), list):  # the authors' files list the images of a question
+        if len(obj["image"]) != 1:
+            raise DataError(f"{where}: expected one image per question, got {len(obj['image'])}")
+        obj = dict(obj, image=obj["image"][0])
     for key in ("image", "question", "answer"):
         if key not in obj or obj[key] in (None, ""):
             raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(obj)})")
@@ -137,7 +161,10 @@ def parse_row(obj, path: str, line: int) -> VQARow:
         opts = dict(sorted(opts.items()))
     else:
         raise DataError(f"{where}: options: expected a list or an object, got {type(opts).__name__}")
-    answer = str(obj["answer"]).strip()
+    raw = str(obj["answer"])
+    answer = raw.strip()
+    if opts and obj.get("answer_label") not in (None, ""):
+        answer = str(obj["answer_label"])
     if opts:
         letter = answer.strip("()[]. ").upper()
         if letter not in opts:
@@ -150,11 +177,49 @@ def parse_row(obj, path: str, line: int) -> VQARow:
     image = str(obj["image"])
     if not os.path.isabs(image):
         image = os.path.join(os.path.dirname(os.path.abspath(path)), image)
-    return VQARow(str(obj.get("id", line)), image, str(obj["question"]), answer, opts, line)
+    rid = obj.get("id", obj.get("dataset_index", line))
+    known = {"id", "image", "question", "answer", "options", "answer_label"}
+    extra = {k: v for k, v in obj.items() if k not in known and isinstance(v, (str, int, float, bool))}
+    return VQARow(str(rid), image, str(obj["question"]), answer, opts, line, raw, extra)
+
+
+def select_rows(rows: list, where: dict, path: str) -> list:
+    """Rows whose carried fields equal every ``where`` value (compared as strings)."""
+    if not where:
+        return rows
+    kept = [r for r in rows if all(str(r.fields.get(k)) == v for k, v in where.items())]
+    if not kept:
+        seen = sorted({k for r in rows for k in r.fields})
+        raise DataError(f"{path}: no row has {where} (fields present: {seen})")
+    return kept
+
+
+def _objects(path: str):
+    """``(line or position, object, error)`` of a JSONL file or of a JSON list; ``error`` is
+    the :class:`DataError` of a line that is not JSON (a JSON list that does not parse
+    raises at once)."""
+    with open(path) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        for i, obj in enumerate(items, start=1):
+            yield i, obj, None
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield i, None, DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})")
 
 
 def read_rows(path: str, rejects: Optional[list] = None) -> list:
-    """Every row of an evaluation JSONL.
+    """Every row of an evaluation JSONL file or JSON list (``path:N``: N is the line, or the
+    position in a list).
 
     Without ``rejects`` the first malformed row raises :class:`DataError`, and so does a
     file without rows. With a list, each malformed row (not JSON, a missing field, an
@@ -164,26 +229,21 @@ def read_rows(path: str, rejects: Optional[list] = None) -> list:
     from ..sweep.datasets import Reject
 
     rows, seen = [], set()
-    with open(path) as f:
-        for i, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-                row = parse_row(obj, path, i)
-                if row.id in seen:
-                    raise DataError(f"{path}:{i}: duplicate id {row.id!r}")
-            except DataError as e:
-                if rejects is None:
-                    raise
-                kind = "duplicate id" if "duplicate id" in str(e) else "malformed row"
-                rejects.append(Reject(path, i, str(e), None, kind))
-                continue
-            seen.add(row.id)
-            rows.append(row)
+    for i, obj, err in _objects(path):
+        try:
+            if err is not None:
+                raise err
+            row = parse_row(obj, path, i)
+            if row.id in seen:
+                raise DataError(f"{path}:{i}: duplicate id {row.id!r}")
+        except DataError as e:
+            if rejects is None:
+                raise
+            kind = "duplicate id" if "duplicate id" in str(e) else "malformed row"
+            rejects.append(Reject(path, i, str(e), None, kind))
+            continue
+        seen.add(row.id)
+        rows.append(row)
     if not rows and rejects is None:
         raise DataError(f"{path}: no rows")
     return rows

@@ -10,7 +10,8 @@ Given images and questions, :class:`VGRefine`
 (II) *knockout*: recomputes the prompt with the attention from the question tokens (the
     first text token after the image through the last prompt token) to the dropped image
     tokens removed at ``layers`` (``mode="renorm"``: the authors' additive ``-inf`` mask;
-    ``"zero"``: ``α̂ = α ⊙ M``), then decodes greedily.
+    ``"zero"``: ``α̂ = α ⊙ M``), then decodes (greedily by default; sampling settings as
+    ``generate`` takes them), the knockout applying to the prompt rows only.
 
 Cost. The authors run three full forward passes (eager attention, batch 1) and then
 ``generate``. Here (see :mod:`vgkernels.integrations.continuation`), batched with padding:
@@ -22,8 +23,8 @@ Cost. The authors run three full forward passes (eager attention, batch 1) and t
   image is computed, as a suffix pass on the cache that hides the question's columns;
 - the knockout pass recomputes only the question rows and only at layers
   ``>= min(layers)``, from the hidden states the first pass produced at the input of that
-  layer and the cached prefix; its last row gives the first answer token, and greedy
-  decoding continues from the combined cache.
+  layer and the cached prefix; its last row gives the first answer token, and decoding
+  continues from the combined cache.
 
 A hyper-parameter sweep (:meth:`VGRefine.sweep`) pays the first two steps once and only
 the knockout suffix and decoding per distinct setting.
@@ -85,13 +86,13 @@ class Setting:
 class RefineResult:
     """What one :class:`VGRefine` call returns (batch of ``B`` questions).
 
-    ``answers``: decoded greedy answers with the knockout; ``tokens (B, G)`` their ids
+    ``answers``: decoded answers with the knockout; ``tokens (B, G)`` their ids
     (``pad`` after EOS); ``keep``: per sample a ``(N_b,)`` bool keep mask over its image
     tokens (row-major, SPEC §1); ``logits``: the first answer token's logits ``(B, V)``.
     With ``return_maps``: ``maps (B, Lc, H, Nmax)`` question-prompt maps at ``map_layers``,
     ``reference (B, Lc, Nmax)`` head-mean reference maps (NaN beyond each sample's N).
     With ``baseline``: ``baseline_answers`` / ``baseline_tokens`` / ``baseline_logits``
-    of plain greedy decoding of the same prompts. ``step_logits``: the ``(B, V)`` float32
+    of plain decoding of the same prompts. ``step_logits``: the ``(B, V)`` float32
     logits of every decoding step (``step_logits[0] == logits``).
     """
 
@@ -126,6 +127,7 @@ class _Prepared:
     maps: torch.Tensor  # (B, Lc, H, Nmax), row-major
     reference: Optional[torch.Tensor]  # (B, Lc, Nmax)
     cap_layers: list
+    history: Optional[torch.Tensor] = None  # (B, T) prompt ids the repetition penalty counts
 
     @property
     def text_start(self) -> list:
@@ -164,7 +166,15 @@ class VGRefine:
         ``text -> full prompt string`` with the image placeholder; default: the
         processor's chat template with one image followed by ``text``.
     max_new_tokens
-        Greedy decoding length (closed-ended answers are short).
+        Decoding length (closed-ended answers are short).
+    do_sample, temperature, top_p, repetition_penalty, seed, sample_top_k
+        Decoding as ``model.generate`` takes them (``sample_top_k`` is ``generate``'s
+        ``top_k``; :class:`~vgkernels.integrations.continuation.Sampling`); the default
+        is greedy. The repetition penalty counts what ``generate`` would:
+        the prompt ids for HF VLMs (not their padding, as transformers 5; 4.57 also counts
+        the pad id), only generated tokens for the LLaVA codebase (which generates from
+        embeddings). ``seed`` seeds every decode (baseline and each
+        setting) the same way; draws depend on the batch, as with ``generate``.
     backend
         Kernel backend of the knockout layers (``"auto"``: Triton on CUDA, torch on CPU).
     maps
@@ -181,6 +191,8 @@ class VGRefine:
                  percentile: float = 50.0, mode: str = "renorm", reference_prompt: Optional[str] = REFERENCE_PROMPT,
                  *, top_k: Optional[int] = None, prompt: Optional[Callable[[str], str]] = None,
                  max_new_tokens: int = 16, backend: str = "auto", reuse_lower_layers: bool = True,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: Optional[float] = None,
+                 repetition_penalty: float = 1.0, seed: Optional[int] = None, sample_top_k: Optional[int] = None,
                  maps: str = "last"):
         import inspect
 
@@ -209,6 +221,10 @@ class VGRefine:
         self.reference_prompt = reference_prompt
         self.prompt = prompt or self._chat
         self.max_new_tokens = int(max_new_tokens)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens!r}")
+        self.sampling = E.Sampling(bool(do_sample), float(temperature), sample_top_k, top_p,
+                                   float(repetition_penalty), seed)
         self.backend = backend
         self.reuse_lower_layers = bool(reuse_lower_layers)
         tok = self.tokenizer
@@ -362,10 +378,20 @@ class VGRefine:
         first_logits = E.logits_at(stack, rec["hidden"], torch.tensor(last, device=dev))
         cache = E.output_cache(out)
         prep = _Prepared(cache, E.cache_snapshot(cache), T, km, pos, last, list(vg.layout), first_logits, emb,
-                         {l: rec[l][:, :T] for l in firsts}, vg.maps, None, cap_layers)
+                         {l: rec[l][:, :T] for l in firsts}, vg.maps, None, cap_layers,
+                         self._history(inputs))
         if self.reference_prompt is not None:
             prep.reference = self._reference(prep)
         return prep
+
+    def _history(self, inputs: dict) -> Optional[torch.Tensor]:
+        """The prompt ids ``generate`` hands its repetition penalty: the ids of an HF VLM
+        (padding excluded, as transformers 5 does), none for the LLaVA codebase."""
+        if not self._shim.ids_are_columns or inputs.get("input_ids") is None:
+            return None
+        ids = inputs["input_ids"]
+        am = inputs.get("attention_mask")
+        return ids if am is None else torch.where(am.bool(), ids, torch.full_like(ids, -1))
 
     def _reference(self, prep: _Prepared) -> torch.Tensor:
         """Head-mean maps ``(B, Lc, Nmax)`` of the reference prompt's last token, computed as a
@@ -446,8 +472,9 @@ class VGRefine:
         last = torch.tensor(prep.last, device=prep.key_mask.device)
         last_pos = E.shift_positions(prep.pos, last, torch.zeros(1, dtype=torch.long))
         try:
-            toks, step_logits = E.greedy_decode(self.stack, first_logits, prep.cache, prep.key_mask, last_pos,
-                                                max_new_tokens=max_new_tokens, eos=self.eos, pad_id=self.pad_id)
+            toks, step_logits = E.decode(self.stack, first_logits, prep.cache, prep.key_mask, last_pos,
+                                         max_new_tokens=max_new_tokens, eos=self.eos, pad_id=self.pad_id,
+                                         sampling=self.sampling, history=prep.history)
         finally:
             E.cache_restore(prep.cache, prep.snap)
         return toks, step_logits

@@ -9,6 +9,13 @@ Example (GPU, a real checkpoint, the authors' COCO questions)::
 Outputs (see :mod:`vgkernels.sweep.store` and :mod:`vgkernels.sweep.report`): merged
 metrics, ``summary/`` tables, ``plots/`` and ``rejects.jsonl``. Re-running the same
 command after an interruption continues where it stopped.
+
+``--profile authors`` reproduces the paper authors' conventions (:mod:`vgkernels.paper`):
+question and reference prompts joined to the answer line with a space, and the tables
+and plots in their AR/KL/JS conventions (head-mean maps; per-sample values in
+``samples.jsonl``'s ``extra.authors``), the exact metrics stored beside them
+(``summary/layers_exact.csv``, ``layer_metrics.npy``). The profile is part of the run's
+settings: a resumed run with another profile is refused.
 """
 from __future__ import annotations
 
@@ -19,12 +26,13 @@ import time
 from collections import Counter
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import dist
 from ..clitools import RunError, UsageError, progress_enabled
 from .datasets import FORMATS, RETRIED_KINDS, SampleError, load_samples, reject_of
-from .metrics import MASK_MODES, sample_mask, sample_metrics
+from .metrics import MASK_MODES, authors_cells, authors_layer_metrics, sample_mask, sample_metrics
 from .runner import DEFAULT_ANSWER_SUFFIX, DEFAULT_REFERENCE, Encoder, MapRunner
 from .store import FORMAT_VERSION, SampleResult, ShardWriter, check_or_write_meta, done_ids, merge, read_rejects
 
@@ -34,6 +42,11 @@ def add_arguments(p):
                    help="local Hugging Face model directory, or a built-in tiny model (tiny-grounded, tiny-llava, "
                         "tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-splice, tiny-splice-vila), optionally "
                         "with sizes: tiny-llava:num_layers=8,num_heads=8 (default tiny-llava)")
+    p.add_argument("--vision-tower", default=None, metavar="DIR",
+                   help="local CLIP tower folder of a LLaVA-codebase checkpoint (default: its config's mm_vision_tower)")
+    p.add_argument("--profile", default="exact", choices=PROFILES,
+                   help="exact (default): per-row metrics of SPEC §3, newline before the answer line; authors: the "
+                        "paper authors' prompts and metric conventions in the tables and plots (vgkernels.paper)")
     p.add_argument("--data", required=True, nargs="+", help="question file(s): authors' JSONL, manifest JSONL or "
                                                              "COCO instances_*.json")
     p.add_argument("--out", required=True,
@@ -151,7 +164,10 @@ def _split_by_prefix(items):
     return list(groups.values())
 
 
-def _results(mb, items, mask_mode, keep_maps, backend):
+PROFILES = ("exact", "authors")
+
+
+def _results(mb, items, mask_mode, keep_maps, backend, profile="exact"):
     """Per sample of a computed batch: its :class:`SampleResult`, or a reject when its
     ground truth selects no token (``sample_mask`` raises :class:`SampleError`)."""
     out, rejects = [], []
@@ -166,14 +182,18 @@ def _results(mb, items, mask_mode, keep_maps, backend):
             continue
         head, layer = sample_metrics(mq, mr, mask.to(mq.device), backend=backend)
         keep = keep_maps(it.sample)
+        extra = None
+        if profile == "authors":
+            am = authors_layer_metrics(mq, mr, authors_cells(it.sample, lay, kind), lay.grid)
+            extra = {"authors": [[None if not np.isfinite(v) else float(v) for v in row] for row in am]}
         out.append(SampleResult(it.sample, head, layer, n, tuple(lay.grid), kind, int(mask.sum()),
                                 it.image_size,
                                 mq.cpu().numpy() if keep else None, mr.cpu().numpy() if keep else None,
-                                lay.cells.cpu().numpy() if keep else None))
+                                lay.cells.cpu().numpy() if keep else None, extra))
     return out, rejects
 
 
-def _run_group(runner, group, mask, keep_maps, backend):
+def _run_group(runner, group, mask, keep_maps, backend, profile="exact"):
     """Maps and metrics of samples sharing a prefix length. A sample whose own data
     makes the capture fail (:class:`SampleError`) is rejected and the others are run
     again without it; any other error is not the samples' fault and propagates."""
@@ -181,12 +201,12 @@ def _run_group(runner, group, mask, keep_maps, backend):
     pending = list(group)
     while pending:
         try:
-            res, rej = _results(runner.run(pending), pending, mask, keep_maps, backend)
+            res, rej = _results(runner.run(pending), pending, mask, keep_maps, backend, profile)
         except SampleError as e:
             bad = e.samples if e.samples else ([0] if len(pending) == 1 else None)
             if bad is None:  # not said which: one by one
                 for it in pending:
-                    r1, j1 = _run_group(runner, [it], mask, keep_maps, backend)
+                    r1, j1 = _run_group(runner, [it], mask, keep_maps, backend, profile)
                     results += r1
                     rejects += j1
                 return results, rejects
@@ -236,15 +256,16 @@ def _short(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _sweep_meta(bundle, layers, H, reference, answer_suffix, mask, n_samples, fingerprint):
+def _sweep_meta(bundle, layers, H, reference, answer_suffix, mask, n_samples, fingerprint, profile="exact"):
     L_total, _ = bundle.n_layers_heads()
     cfg = bundle.text_config()
     return {"format_version": FORMAT_VERSION, "model": bundle.name, "family": bundle.family,
             "model_type": bundle.model_type, "num_layers": L_total, "num_heads": H,
             "hidden_size": getattr(cfg, "hidden_size", None), "L": len(layers), "H": H, "layers": layers,
             "reference_prompt": reference, "answer_suffix": answer_suffix, "n_samples": n_samples, "mask": mask,
+            "profile": profile,
             "fingerprint": dict(fingerprint or {}, model=bundle.name, layers=layers, reference=reference,
-                                answer_suffix=answer_suffix, mask=mask)}
+                                answer_suffix=answer_suffix, mask=mask, profile=profile)}
 
 
 def _lock_out(out: str, info, overwrite: bool = False):
@@ -266,7 +287,7 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
           mask: str = "auto", save_maps: bool = False, overlays: int = 6, workers: int = 0,
           prefix_sharing: bool = True, backend: str = "auto", fingerprint: Optional[dict] = None,
           info: Optional[dist.DistInfo] = None, progress: bool = True, report: bool = True,
-          throttle: float = 0.0, log=print, image_root: Optional[str] = None) -> dict:
+          throttle: float = 0.0, log=print, image_root: Optional[str] = None, profile: str = "exact") -> dict:
     """Run (or resume) a sweep of ``bundle`` over ``samples`` into ``out``.
 
     Every rank calls this with the same ``samples``; each takes its share, and rank 0
@@ -285,21 +306,23 @@ def sweep(bundle, samples, out: str, *, parse_rejects=(), layers=None, batch_siz
         raise UsageError(f"batch_size: expected >= 1, got {batch_size}")
     L_total, H = bundle.n_layers_heads()
     layers = list(range(L_total)) if layers is None else list(layers)
-    meta = _sweep_meta(bundle, layers, H, reference, answer_suffix, mask, len(samples), fingerprint)
+    if profile not in PROFILES:
+        raise ValueError(f"profile: expected one of {PROFILES}, got {profile!r}")
+    meta = _sweep_meta(bundle, layers, H, reference, answer_suffix, mask, len(samples), fingerprint, profile)
     lock = _lock_out(out, info)
     try:
         return _sweep_locked(bundle, samples, out, meta, parse_rejects=parse_rejects, layers=layers,
                              batch_size=batch_size, reference=reference, answer_suffix=answer_suffix, mask=mask,
                              save_maps=save_maps, overlays=overlays, workers=workers, prefix_sharing=prefix_sharing,
                              backend=backend, info=info, progress=progress, report=report, throttle=throttle,
-                             log=log, image_root=image_root)
+                             log=log, image_root=image_root, profile=profile)
     finally:
         lock.release()
 
 
 def _sweep_locked(bundle, samples, out, meta, *, parse_rejects, layers, batch_size, reference, answer_suffix, mask,
                   save_maps, overlays, workers, prefix_sharing, backend, info, progress, report, throttle, log,
-                  image_root):
+                  image_root, profile):
     H = meta["H"]
     if info.is_main:
         check_or_write_meta(out, meta, write=True)
@@ -312,7 +335,9 @@ def _sweep_locked(bundle, samples, out, meta, *, parse_rejects, layers, batch_si
     ordered = sorted(samples, key=lambda s: _length_key(s, dynamic))
     mine = [s for s in dist.shard(ordered, info) if s.sid not in finished]
     batches = [list(range(i, min(i + batch_size, len(mine)))) for i in range(0, len(mine), batch_size)]
-    encoder = Encoder(bundle, reference, answer_suffix, prefix_sharing)
+    from ..paper import SEPARATOR
+
+    encoder = Encoder(bundle, reference, answer_suffix, prefix_sharing, sep=SEPARATOR if profile == "authors" else "\n")
     runner = MapRunner(bundle, layers=layers, prefix_sharing=prefix_sharing, backend=backend)
     loader = torch.utils.data.DataLoader(_Prepared(mine, encoder), batch_sampler=batches, num_workers=workers,
                                          collate_fn=_as_list)
@@ -338,7 +363,7 @@ def _sweep_locked(bundle, samples, out, meta, *, parse_rejects, layers, batch_si
                     rejects.append(reject_of(it.sample, it.error, it.error_kind or "processor failed"))
             good = [it for it in items if it.error is None]
             for group in _split_by_prefix(good):
-                res, rej = _run_group(runner, group, mask, keep_maps, backend)
+                res, rej = _run_group(runner, group, mask, keep_maps, backend, profile)
                 results += res
                 rejects += rej
             writer.append(results)
@@ -403,7 +428,7 @@ def run(args) -> int:
         samples, rejects = load_samples(args.data, fmt=args.format, image_root=args.image_root,
                                         image_pattern=args.image_pattern, seed=args.seed, limit=args.limit)
         bundle = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
-                            seed=args.seed, **dist.placement(info, args))
+                            seed=args.seed, vision_tower=args.vision_tower, **dist.placement(info, args))
         L, _ = bundle.n_layers_heads()
         try:
             layers = parse_layers(args.layers, L)
@@ -424,7 +449,7 @@ def run(args) -> int:
               save_maps=args.save_maps, overlays=args.overlays, workers=workers,
               prefix_sharing=not args.no_prefix_sharing, backend=args.backend, fingerprint=fp, info=info,
               progress=progress_enabled(args), report=not args.no_report, throttle=args.throttle,
-              log=log, image_root=args.image_root)
+              log=log, image_root=args.image_root, profile=args.profile)
     finally:
         if lock is not None:
             lock.release()

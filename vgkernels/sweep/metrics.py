@@ -103,3 +103,40 @@ def sample_metrics(maps_q: torch.Tensor, maps_ref: torch.Tensor, mask: torch.Ten
     head = torch.stack([h.ar, h.kl, h.js, hr.ar, hr.kl, hr.js]).cpu().numpy().astype(np.float32)
     layer = torch.stack([l_.ar, l_.kl, l_.js, lr.ar, lr.kl, lr.js]).cpu().numpy().astype(np.float32)
     return head, layer
+
+
+def authors_cells(sample, layout: ImageLayout, mask_kind: str):
+    """The ``[x, y]`` cells the authors' metrics score a sample against, or None when the
+    layout is not one full row-major grid (a CLS or newline token, tiles).
+
+    ``mask_kind == "gt_tokens"``: the authors' own ``gt_tokens`` (repeats kept). Boxes:
+    the cells each box covers, box after box, so a cell under two boxes is listed twice,
+    as the authors' per-box covering lists do."""
+    gh, gw = (int(g) for g in layout.grid)
+    if layout.N != gh * gw:
+        return None
+    if mask_kind == "gt_tokens":
+        return [list(c) for c in sample.gt_tokens]
+    cells = []
+    for box in sample.boxes:
+        for t in torch.nonzero(box_mask(layout, [box])).flatten().tolist():
+            cells.append([t % gw, t // gw])
+    return cells
+
+
+def authors_layer_metrics(maps_q: torch.Tensor, maps_ref: torch.Tensor, cells, grid) -> np.ndarray:
+    """``(6, L)`` float32 in :data:`vgkernels.sweep.store.METRICS` order by the authors'
+    conventions (:func:`vgkernels.paper.authors_metrics`) on the head-mean maps: the
+    question maps, then the question maps divided elementwise by the reference prompt's
+    (floored at the smallest normal float32, as :func:`sample_metrics`). NaN when
+    ``cells`` is None or empty."""
+    from ..paper import authors_metrics
+
+    L = maps_q.shape[0]
+    if not cells:
+        return np.full((6, L), np.nan, np.float32)
+    q = maps_q.double().mean(dim=1).cpu()
+    ref = maps_ref.double().mean(dim=1).clamp_min(_TINY).cpu()
+    a = authors_metrics(q, cells, grid=grid)
+    r = authors_metrics(q / ref, cells, grid=grid)
+    return torch.stack([a.ar, a.kl, a.js, r.ar, r.kl, r.js]).numpy().astype(np.float32)

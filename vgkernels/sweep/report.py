@@ -9,6 +9,11 @@ samples with a finite value):
 - ``summary/heads.csv`` — per layer and head, same breakdowns;
 - ``summary/layers.txt`` — the overall per-layer table as printed by the sweep.
 
+A sweep run with ``--profile authors`` shows the authors' metric conventions
+(:mod:`vgkernels.paper`) in ``layers.csv``, ``layers.txt`` and the plots, and writes the
+exact per-row metrics to ``summary/layers_exact.csv``; ``heads.csv`` is exact in both
+profiles (the authors' per-layer normalisation has no per-head counterpart).
+
 Plots (PNG, matplotlib's Agg backend):
 
 - ``plots/layers.png`` — AR, KL, JS per layer, question maps (top) and
@@ -83,19 +88,38 @@ def format_layer_table(mean: np.ndarray, n_samples: int, title: str = "", layers
     return "\n".join(lines)
 
 
+def write_layer_csv(path, recs, layer, fields, names):
+    """Per-layer means of ``layer (n, 6, L)`` overall and per group, as ``layers.csv``."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["field", "value", "layer", "n", *METRICS])
+        for fld, val, idx in groups(recs, fields):
+            mean, n = layer_table(layer[idx])
+            for l in range(layer.shape[2]):
+                w.writerow([fld, val, names[l], int(n[:, l].min()) if len(idx) else 0,
+                            *[f"{mean[j, l]:.6g}" for j in range(len(METRICS))]])
+
+
+def profile_layers(meta, recs, layer):
+    """The per-layer metrics the tables and plots show: ``layer`` itself, or for a sweep
+    run with ``--profile authors`` the authors' metrics from each record's
+    ``extra.authors`` (``(n, 6, L)``, NaN where a sample has none)."""
+    if meta.get("profile", "exact") != "authors":
+        return layer
+    out = np.full(layer.shape, np.nan, np.float32)
+    for i, r in enumerate(recs):
+        a = (r.get("extra") or {}).get("authors")
+        if a is not None:
+            out[i] = np.array([[np.nan if v is None else v for v in row] for row in a], np.float32)
+    return out
+
+
 def write_tables(out_dir, recs, head, layer, fields, layers=None):
     sdir = os.path.join(out_dir, "summary")
     os.makedirs(sdir, exist_ok=True)
     L, H = head.shape[2], head.shape[3]
     names = list(range(L)) if layers is None else list(layers)
-    with open(os.path.join(sdir, "layers.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["field", "value", "layer", "n", *METRICS])
-        for fld, val, idx in groups(recs, fields):
-            mean, n = layer_table(layer[idx])
-            for l in range(L):
-                w.writerow([fld, val, names[l], int(n[:, l].min()) if len(idx) else 0,
-                            *[f"{mean[j, l]:.6g}" for j in range(len(METRICS))]])
+    write_layer_csv(os.path.join(sdir, "layers.csv"), recs, layer, fields, names)
     with open(os.path.join(sdir, "heads.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["field", "value", "layer", "head", "n", *METRICS])
@@ -262,17 +286,25 @@ def write_report(out_dir: str, *, overlays: int = 6, group_by=None, marked_heads
                  mark_label: str = "marked") -> dict:
     """Tables and plots of a merged sweep; returns the written paths and the layer text.
     ``marked_heads``: ``(layer, head)`` pairs outlined in ``heads_kl.png`` as ``mark_label``."""
-    meta, recs, head, layer = load_results(out_dir)
+    meta, recs, head, exact = load_results(out_dir)
     fields = breakdown_fields(recs) if group_by is None else check_group_by(recs, group_by)
     layers = meta.get("layers")
+    layer = profile_layers(meta, recs, exact)
     text = write_tables(out_dir, recs, head, layer, fields, layers)
+    if layer is not exact:
+        write_layer_csv(os.path.join(out_dir, "summary", "layers_exact.csv"), recs, exact, fields,
+                        list(layers or range(exact.shape[2])))
+        text = "metrics: the paper authors' conventions (--profile authors; exact ones in summary/layers_exact.csv)\n" \
+            + text
     pdir = os.path.join(out_dir, "plots")
     os.makedirs(pdir, exist_ok=True)
     paths = {"layers_csv": os.path.join(out_dir, "summary", "layers.csv"),
              "heads_csv": os.path.join(out_dir, "summary", "heads.csv")}
+    if layer is not exact:
+        paths["layers_exact_csv"] = os.path.join(out_dir, "summary", "layers_exact.csv")
     if len(recs):
         prefer = [f for f in ("modality", "task", "label") if f in fields] + fields
-        title = f"{meta.get('model')}: grounding per layer"
+        title = f"{meta.get('model')}: grounding per layer" + (" (authors' metrics)" if layer is not exact else "")
         paths["layers_png"] = os.path.join(pdir, "layers.png")
         plot_layers(paths["layers_png"], recs, layer, prefer[0] if prefer else None, title, layers)
         paths["heads_png"] = os.path.join(pdir, "heads_kl.png")

@@ -42,8 +42,10 @@ from ..constants import REFERENCE_PROMPT as DEFAULT_REFERENCE
 _ID_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
-def with_suffix(text: str, suffix: Optional[str]) -> str:
-    return f"{text}\n{suffix}" if suffix else text
+def with_suffix(text: str, suffix: Optional[str], sep: str = "\n") -> str:
+    """``text``, then ``sep`` and ``suffix`` when there is one (``sep`` is ``" "`` in the
+    authors' profile, :data:`vgkernels.paper.SEPARATOR`)."""
+    return f"{text}{sep}{suffix}" if suffix else text
 
 
 @dataclass
@@ -70,10 +72,11 @@ class Encoder:
     """Decode an image and tokenise both prompts (picklable; runs in workers)."""
 
     def __init__(self, bundle, reference: str = DEFAULT_REFERENCE, answer_suffix: Optional[str] = DEFAULT_ANSWER_SUFFIX,
-                 prefix_sharing: bool = True):
+                 prefix_sharing: bool = True, sep: str = "\n"):
         self.processor = bundle.processor
         self.family = type(bundle.shim)  # a class: process() and chat_text() are static
-        self.ref_text = self.family.chat_text(self.processor, with_suffix(reference, answer_suffix))
+        self.sep = sep
+        self.ref_text = self.family.chat_text(self.processor, with_suffix(reference, answer_suffix, sep))
         self.answer_suffix = answer_suffix
         self.prefix_sharing = prefix_sharing
         self.image_token_ids = bundle.shim.image_token_ids()
@@ -89,7 +92,7 @@ class Encoder:
         except (OSError, ValueError) as e:
             return Encoded(sample, error=f"cannot read image {sample.image!r}: {e}", error_kind="unreadable image")
         try:
-            question = self.family.chat_text(self.processor, with_suffix(sample.question, self.answer_suffix))
+            question = self.family.chat_text(self.processor, with_suffix(sample.question, self.answer_suffix, self.sep))
             eq = self.family.process(self.processor, [image], [question])
             er = self.family.process(self.processor, [image], [self.ref_text])
         except Exception as e:  # a processor rejecting an image must not stop the sweep

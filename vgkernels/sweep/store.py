@@ -59,6 +59,9 @@ class SampleResult:
     maps_q: Optional[np.ndarray] = None
     maps_ref: Optional[np.ndarray] = None
     cells: Optional[np.ndarray] = None
+    #: JSON-able per-sample extras carried into ``samples.jsonl`` (``--profile authors``:
+    #: ``{"authors": (6, L) metrics}``)
+    extra: Optional[dict] = None
 
 
 def encode_maps(maps_q: np.ndarray, maps_ref: np.ndarray, cells: np.ndarray) -> bytes:
@@ -251,6 +254,8 @@ class ShardWriter:
                    "grid": list(res.grid), "mask": res.mask_kind, "mask_tokens": int(res.mask_tokens),
                    "image_size": list(res.image_size) if res.image_size else None,
                    "maps_offset": maps_offset, "sample": res.sample.to_json()}
+            if res.extra is not None:
+                rec["extra"] = res.extra
             lines.append(json.dumps(rec, default=_json_default) + "\n")
             self.rows += 1
         for k in ("heads", "layers", "maps"):
@@ -332,6 +337,8 @@ def merge(out_dir: str, parse_rejects: list) -> dict:
                    "maps_offset": r.get("maps_offset")}
             for j, name in enumerate(METRICS):
                 rec[name] = _nan_to_none(lay[j])
+            if r.get("extra") is not None:
+                rec["extra"] = r["extra"]
             f.write(json.dumps(rec, default=_json_default) + "\n")
     os.replace(tmp, os.path.join(out_dir, "samples.jsonl"))
     rejects = [r.to_json() if hasattr(r, "to_json") else r for r in parse_rejects]
