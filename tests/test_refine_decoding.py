@@ -12,18 +12,14 @@ import torch
 from vgkernels import KnockoutPlan, patch_model
 from vgkernels.integrations.continuation import Sampling
 from vgkernels.refine import VGRefine
-from vgkernels.tiny import build_tiny
+from tiny_models import models
 from vgkernels.tiny import test_image as make_image
 
 HEADS = [(2, 1), (1, 0), (3, 3), (1, 2)]
 G = 5
-_MODELS = {}
-
-
 def model(name):
-    if name not in _MODELS:
-        _MODELS[name] = build_tiny(name)
-    return _MODELS[name]
+    """The shared tiny model and its processor (tests/tiny_models.py)."""
+    return models(name)[:2]
 
 
 def inputs(proc, images, questions):

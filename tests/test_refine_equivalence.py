@@ -10,25 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from vgkernels.constants import REFERENCE_PROMPT as REF
 from vgkernels.refine import VGRefine
-from vgkernels.tiny import IMAGE_TOKEN_INDEX, build_tiny
+from tiny_models import models
+from vgkernels.tiny import IMAGE_TOKEN_INDEX
 from vgkernels.tiny import test_image as make_image
 
 FAMILIES = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-splice", "tiny-splice-vila"]
 HEADS = [(2, 1), (1, 0), (3, 3), (1, 2), (2, 0)]
-REF = "Write a general description of the image."
 G = 4
-
-_MODELS = {}
-
-
-def models(name, **kw):
-    key = (name, tuple(sorted(kw.items())))
-    if key not in _MODELS:
-        fast = build_tiny(name, **kw)
-        eager = build_tiny(name, attn_implementation="eager", **kw)
-        _MODELS[key] = (fast, eager)
-    return _MODELS[key]
 
 
 def chat(proc, text):
@@ -154,7 +144,8 @@ def sample_batch(gen, name):
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("reuse", [True, False], ids=["skip-lower", "all-layers"])
 def test_refine_matches_naive_three_pass(name, reuse, gen):
-    (fast, fproc), (eager, eproc) = models(name)
+    fast, fproc, eager = models(name)
+    eproc = fproc
     layers, k, p = ([2] if reuse else [1, 3]), 5, 50.0
     vr = VGRefine(fast, fproc, heads=HEADS, layers=layers, top_k=k, percentile=p, max_new_tokens=G,
                   reuse_lower_layers=reuse)
@@ -188,7 +179,7 @@ def test_refine_matches_naive_three_pass(name, reuse, gen):
 def test_knockout_changes_answer_logits(name, gen):
     """The knockout is not a no-op: logits move when tokens are dropped, and a keep mask
     of all True gives back plain inference."""
-    (fast, fproc), _ = models(name)
+    fast, fproc, _ = models(name)
     vr = VGRefine(fast, fproc, heads=HEADS, layers=[1], max_new_tokens=1)
     images, questions = sample_batch(gen, name)
     prep = vr.prepare(images, questions)
@@ -206,7 +197,7 @@ def test_right_and_left_padded_splice_agree(gen):
     images, questions = sample_batch(gen, "tiny-splice")
     outs = []
     for side in ("right", "left"):
-        (fast, fproc), _ = models("tiny-splice", tokenizer_padding_side=side)
+        fast, fproc, _ = models("tiny-splice", tokenizer_padding_side=side)
         vr = VGRefine(fast, fproc, heads=HEADS, layers=[2], max_new_tokens=G)
         outs.append(vr(images, questions))
     torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=2e-4, rtol=2e-4)
@@ -219,7 +210,8 @@ def test_zero_mode_matches_eager_probability_masking(gen, monkeypatch):
     probabilities of the question rows set to 0 without renormalising."""
     import transformers.models.llama.modeling_llama as ML
 
-    (fast, fproc), (eager, eproc) = models("tiny-llava")
+    fast, fproc, eager = models("tiny-llava")
+    eproc = fproc
     layers = [1, 2]
     vr = VGRefine(fast, fproc, heads=HEADS, layers=layers, mode="zero", max_new_tokens=G)
     images, questions = sample_batch(gen, "tiny-llava")

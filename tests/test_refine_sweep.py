@@ -3,17 +3,13 @@ import pytest
 import torch
 
 from vgkernels.refine import Setting, VGRefine
-from vgkernels.tiny import build_tiny
+from tiny_models import models
 from vgkernels.tiny import test_image as make_image
 
 HEADS = [(2, 1), (1, 0), (3, 3), (1, 2), (2, 0), (0, 1)]
-_MODELS = {}
-
-
 def model(name):
-    if name not in _MODELS:
-        _MODELS[name] = build_tiny(name)
-    return _MODELS[name]
+    """The shared tiny model and its processor (tests/tiny_models.py)."""
+    return models(name)[:2]
 
 
 def batch(gen, n=2):

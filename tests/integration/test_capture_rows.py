@@ -9,7 +9,7 @@ import torch
 
 from vgkernels import KnockoutPlan, patch_model
 
-from _support import (ALL_NAMES, MAP_TOL, PROMPTS, SIZES, column_to_row, expected_spans, is_splice,
+from tiny_models import (ALL_NAMES, MAP_TOL, PROMPTS, SIZES, column_to_row, expected_spans, is_splice,
                       knockout_reference, make_inputs, models)
 
 

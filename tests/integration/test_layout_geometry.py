@@ -16,7 +16,7 @@ import vgkernels
 from vgkernels import patch_model
 from vgkernels.tiny import CLIP_MEAN, CLIP_STD
 
-from _support import gradient_image, logits_of, models
+from tiny_models import gradient_image, logits_of, models
 
 MEAN = torch.tensor(CLIP_MEAN)[:, None, None]
 STD = torch.tensor(CLIP_STD)[:, None, None]
@@ -154,7 +154,7 @@ def test_box_mask_in_original_pixels():
 
 def test_vila_maps_are_row_major():
     """VILA-M3's tokens come column-major; vg.maps and the layout are row-major."""
-    from _support import column_to_row, eager_rows, expected_spans, make_inputs
+    from tiny_models import column_to_row, eager_rows, expected_spans, make_inputs
 
     model, proc, ref = models("tiny-splice-vila")
     inp = make_inputs("tiny-splice-vila", proc, ["Where?"], [(80, 60)])
@@ -177,7 +177,7 @@ def test_vila_maps_are_row_major():
 
 def test_without_image_sizes_cells_are_in_model_input_pixels():
     model, proc, _ = models("tiny-llava")
-    from _support import make_inputs
+    from tiny_models import make_inputs
 
     inp = make_inputs("tiny-llava", proc, ["Where?"], [(80, 60)])
     with patch_model(model, capture=[0], backend="torch") as vg:

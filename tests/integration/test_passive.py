@@ -18,7 +18,7 @@ import torch
 from vgkernels import KnockoutPlan, patch_model
 from vgkernels.integrations.takeover import Takeover
 
-from _support import (ALL_NAMES, MAP_TOL, PROMPTS, SIZES, TOL, eager_rows, expected_spans, is_splice,
+from tiny_models import (ALL_NAMES, MAP_TOL, PROMPTS, SIZES, TOL, eager_rows, expected_spans, is_splice,
                       knockout_reference, logits_of, make_inputs, models)
 
 BACKEND = "torch"

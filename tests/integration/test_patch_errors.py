@@ -6,7 +6,7 @@ import torch
 
 from vgkernels import KnockoutPlan, patch_model
 
-from _support import PROMPTS, SIZES, expected_spans, logits_of, make_inputs, models
+from tiny_models import PROMPTS, SIZES, expected_spans, logits_of, make_inputs, models
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-splice"])

@@ -2,7 +2,7 @@
 
 Each test compares against a reference computed without vgkernels: the unpatched model,
 its eager twin's ``output_attentions=True`` rows, or the eager twin with the authors'
-additive knockout mask (see ``_support.py``).
+additive knockout mask (see ``tests/tiny_models.py``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import vgkernels
 from vgkernels import KnockoutPlan, patch_model
 from vgkernels.integrations.takeover import ATTN_KEY
 
-from _support import (ALL_NAMES, MAP_TOL, PROMPTS, SIZES, TOL, decoder_layers, eager_rows, expected_spans, generate,
+from tiny_models import (ALL_NAMES, MAP_TOL, PROMPTS, SIZES, TOL, decoder_layers, eager_rows, expected_spans, generate,
                        is_splice, knockout_reference, logits_of, make_inputs, models)
 
 BACKEND = "torch"

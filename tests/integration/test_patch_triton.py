@@ -10,7 +10,7 @@ import torch
 
 from vgkernels import KnockoutPlan, patch_model
 
-from _support import MAP_TOL, PROMPTS, SIZES, TOL, eager_rows, expected_spans, knockout_reference, logits_of, make_inputs, models
+from tiny_models import MAP_TOL, PROMPTS, SIZES, TOL, eager_rows, expected_spans, knockout_reference, logits_of, make_inputs, models
 
 
 def test_triton_backend_capture_and_knockout(gen):

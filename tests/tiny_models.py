@@ -1,4 +1,4 @@
-"""Shared pieces of the integration tests: tiny models, inputs, and the eager references.
+"""The tests' one set of tiny-model helpers: models, inputs, and the eager references.
 
 The references here are written independently of :mod:`vgkernels.integrations.patch`:
 
@@ -12,7 +12,6 @@ The references here are written independently of :mod:`vgkernels.integrations.pa
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 
@@ -30,13 +29,20 @@ TOL = dict(atol=2e-5, rtol=1e-5)  # float32 logits: eager vs sdpa already differ
 MAP_TOL = dict(atol=1e-6, rtol=1e-5, equal_nan=True)
 
 
-@functools.lru_cache(maxsize=None)
-def models(name: str):
-    """``(model (sdpa), processor, eager twin with the same weights)``, built once."""
-    model, proc = build_tiny(name, seed=0)
-    ref, _ = build_tiny(name, seed=0, attn_implementation="eager")
-    ref.load_state_dict(model.state_dict())
-    return model, proc, ref
+_MODELS: dict = {}
+
+
+def models(name: str, **sizes):
+    """``(model (sdpa), processor, eager twin with the same weights)`` of a built-in tiny
+    model (``build_tiny`` keywords in ``sizes``), built once per process and shared by every
+    test file; a test that changes a model's settings restores them."""
+    key = (name, tuple(sorted(sizes.items())))
+    if key not in _MODELS:
+        model, proc = build_tiny(name, seed=0, **sizes)
+        ref, _ = build_tiny(name, seed=0, attn_implementation="eager", **sizes)
+        ref.load_state_dict(model.state_dict())
+        _MODELS[key] = (model, proc, ref)
+    return _MODELS[key]
 
 
 def is_splice(name: str) -> bool:
