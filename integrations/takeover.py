@@ -228,6 +228,7 @@ class CaptureRows:
     gather: torch.Tensor
     valid: torch.Tensor
     in_band: list
+    in_band_t: Optional[torch.Tensor] = None  # ``in_band`` on the device
     mode: str = "last"
     q0: int = 0
     q1: int = 0
@@ -381,7 +382,7 @@ def build_plan(*, sq: int, sk: int, layouts: Sequence[Optional[ImageLayout]], de
             ok = torch.tensor(captured)[:, None]
             last = torch.full((B,), sk - 1, dtype=torch.long).to(device)
             plan.capture = CaptureRows(dict(capture_slots), last, last, win_t.to(device), n, gather.to(device),
-                                       (valid & ok).to(device), [False] * B, "question", q0, q1, w.to(device))
+                                       (valid & ok).to(device), [False] * B, None, "question", q0, q1, w.to(device))
     elif capture_slots and rows is not None:
         captured = [l is not None and first <= rows[b] < sk for b, l in enumerate(layouts)]
         if any(captured):
@@ -392,7 +393,7 @@ def build_plan(*, sq: int, sk: int, layouts: Sequence[Optional[ImageLayout]], de
             ok = torch.tensor(captured)[:, None]
             plan.capture = CaptureRows(dict(capture_slots), torch.tensor(rel).to(device),
                                        torch.tensor(lim).to(device), win_t.to(device), n, gather.to(device),
-                                       (valid & ok).to(device), in_band)
+                                       (valid & ok).to(device), in_band, torch.tensor(in_band).to(device))
     return plan
 
 
@@ -513,8 +514,7 @@ class Takeover:
                 if band is None or not all(cap.in_band):
                     row_probs = self._row_capture(kernels, q, k, v, kpm, scale, plan, cap)
                     if band_probs is not None:
-                        sel = torch.tensor(cap.in_band, device=row_probs.device)[:, None, None]
-                        row_probs = torch.where(sel, band_probs, row_probs)
+                        row_probs = torch.where(cap.in_band_t[:, None, None], band_probs, row_probs)
                     probs = row_probs
         if cap is not None:
             self._store(plan.capture, li, probs)
