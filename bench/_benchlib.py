@@ -136,7 +136,7 @@ def to_device(batch, model):
 
 
 def images(n: int, width: int = 336, height: int = 336, seed: int = 0) -> list:
-    from vgkernels.tiny import test_image
+    from vgkernels.integrations.tiny import test_image
 
     return [test_image(width, height, seed=seed + i) for i in range(n)]
 

@@ -61,7 +61,7 @@ def worker(provider: str, S: int, device: str) -> dict:
 
     import vgkernels
     from _benchlib import prompt_of_length
-    from vgkernels.tiny import build_tiny, test_image
+    from vgkernels.integrations.tiny import build_tiny, test_image
 
     torch.manual_seed(0)
     attn = "eager" if provider == "output_attentions-eager" else "sdpa"

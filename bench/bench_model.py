@@ -182,7 +182,7 @@ def test_model_forward(measure, provider, B):
 
 def _refine_setup():
     if "refine" not in _CACHE:
-        from vgkernels.tiny import test_image
+        from vgkernels.integrations.tiny import test_image
 
         bundle = llava("sdpa")
         L = n_layers(bundle.model)

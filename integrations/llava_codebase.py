@@ -21,7 +21,7 @@ inference, without importing it and without ``trust_remote_code``:
 - :func:`load_checkpoint` (public as
   :func:`vgkernels.integrations.splice.load_llava_checkpoint`).
 
-The built-in ``tiny-splice`` model (:mod:`vgkernels.tiny`) is an instance of
+The built-in ``tiny-splice`` model (:mod:`vgkernels.integrations.tiny`) is an instance of
 :class:`LlavaQwen2ForCausalLM` with random weights, so every test of the splice family
 runs these classes.
 

@@ -7,7 +7,7 @@ after a KV cache). A local directory is recognised by its ``config.json``'s
 ``model_type`` through the one family table (a transformers class, or the row's loader:
 LLaVA-codebase checkpoints such as HuatuoGPT-Vision, with ``vision_tower=`` their CLIP
 tower's folder when the config does not name a local one); built-in tiny models are those of
-:data:`vgkernels.tiny.TINY_MODELS`, optionally sized: ``tiny-llava:num_layers=8``.
+:data:`vgkernels.integrations.tiny.TINY_MODELS`, optionally sized: ``tiny-llava:num_layers=8``.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def parse_tiny(name: str):
     """``"tiny-llava:num_layers=8,num_heads=8"`` -> ``("tiny-llava", {"num_layers": 8, ...})``;
     other names pass through with no sizes. A keyword that is not one of the tiny
     models' size keywords raises ``ValueError`` (a typo would otherwise be ignored)."""
-    from vgkernels.tiny import NAME_KEYWORDS, TINY_MODELS
+    from .tiny import NAME_KEYWORDS, TINY_MODELS
 
     base, _, spec = name.partition(":")
     if base not in TINY_MODELS or not spec:
@@ -123,7 +123,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
     ``vision_tower`` is the local CLIP tower folder of a LLaVA-codebase checkpoint (default:
     its config's ``mm_vision_tower``).
     """
-    from vgkernels.tiny import TINY_MODELS
+    from .tiny import TINY_MODELS
 
     if device_map is not None and device is not None:
         raise ValueError(f"device and device_map are exclusive: got device={device!r} and device_map={device_map!r}")
@@ -134,7 +134,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
     dt = resolve_dtype(dtype, dev)
     base, sizes = parse_tiny(name)
     if base in TINY_MODELS:
-        from vgkernels.tiny import build_tiny
+        from .tiny import build_tiny
 
         kw = {**sizes, **(tiny_overrides or {})}
         kw.setdefault("dtype", dt)

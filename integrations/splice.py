@@ -6,7 +6,7 @@ and LLaVA-Med (``LlavaLlamaForCausalLM``, ``LlavaMistralForCausalLM``), VILA / V
 NVILA (``LlavaLlamaModel`` with the LLM at ``.llm``). Checkpoints of the first three load
 without the original package through :func:`load_llava_checkpoint` (classes in
 :mod:`.llava_codebase`, which the built-in ``tiny-splice`` model also uses); VILA is
-covered by the stand-in of :mod:`vgkernels.tiny`.
+covered by the stand-in of :mod:`vgkernels.integrations.tiny`.
 
 The contract this shim relies on (and nothing more):
 

@@ -30,7 +30,7 @@ runs (vision tower, projector, image-token expansion, M-RoPE, anyres tiles, KV c
 ``tiny-grounded``      ``LlavaForConditionalGeneration`` like ``tiny-llava`` (same
                        processor classes and chat template) whose weights are set by
                        construction: three planted heads attend to the image tokens of
-                       the colour the question names (:mod:`vgkernels.tiny_grounded`);
+                       the colour the question names (:mod:`vgkernels.integrations.tiny_grounded`);
                        its sizes are fixed by the construction.
 =====================  ===========================================================
 
@@ -50,7 +50,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .constants import IMAGE_TOKEN_INDEX
+from vgkernels.constants import IMAGE_TOKEN_INDEX
 
 TINY_MODELS = (
     "tiny-llava",
@@ -542,7 +542,7 @@ def build_splice_vila(seed: int = 0, **overrides):
 
 def build_grounded(seed: int = 0, **overrides):
     """``tiny-grounded``: a ``tiny-llava``-like model with planted grounding heads; see
-    :mod:`vgkernels.tiny_grounded`."""
+    :mod:`vgkernels.integrations.tiny_grounded`."""
     from .tiny_grounded import build_grounded as build
 
     return build(seed, **overrides)

@@ -1,6 +1,6 @@
 """``tiny-grounded``: a LLaVA-family model whose grounding is known by construction.
 
-Every other tiny model (:mod:`vgkernels.tiny`) has random weights, so its attention
+Every other tiny model (:mod:`vgkernels.integrations.tiny`) has random weights, so its attention
 ignores the image's content and a grounding sweep over it shows nothing. This one is a
 ``LlavaForConditionalGeneration`` (CLIP vision tower, projector, Llama decoder) built
 from config objects like ``tiny-llava``, with the same processor classes and chat

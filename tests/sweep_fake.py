@@ -75,7 +75,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def small_manifest(folder, n, name="m.jsonl"):
     """``n`` manifest rows (ids m0..), all on one drawn 56x56 image; returns the path."""
-    from vgkernels.tiny import test_image
+    from vgkernels.integrations.tiny import test_image
 
     test_image(56, 56).save(folder / "a.png")
     data = folder / name

@@ -16,8 +16,8 @@ from vgkernels.sweep import dist
 from vgkernels.sweep.command import sweep
 from vgkernels.sweep.datasets import Sample
 from vgkernels.sweep.store import load_results
-from vgkernels.tiny import build_tiny
-from vgkernels.tiny import test_image as make_image
+from vgkernels.integrations.tiny import build_tiny
+from vgkernels.integrations.tiny import test_image as make_image
 
 from sweep_fake import one_thread
 

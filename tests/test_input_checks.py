@@ -6,7 +6,7 @@ import torch
 
 import vgkernels as vg
 from vgkernels.integrations.loaders import load_model, parse_tiny
-from vgkernels.tiny import build_tiny
+from vgkernels.integrations.tiny import build_tiny
 
 
 @pytest.mark.parametrize("box,msg", [

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vgkernels.cli import main
-from vgkernels.tiny import byte_tokenizer
-from vgkernels.tiny import test_image as make_image
+from vgkernels.integrations.tiny import byte_tokenizer
+from vgkernels.integrations.tiny import test_image as make_image
 
 SIDE, PATCH = 56, 14  # a 4x4 grid of image tokens
 MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -278,7 +278,7 @@ def test_generate_and_loader_entry(tmp_path, tower):
 
 def _hf_dir(tmp_path):
     """An HF LLaVA directory (to check that --vision-tower is refused for it)."""
-    from vgkernels.tiny import build_tiny
+    from vgkernels.integrations.tiny import build_tiny
 
     d = str(tmp_path / "hf")
     m, p = build_tiny("tiny-llava")

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 from sweep_fake import fake_sweep  # noqa: E402
 from vgkernels.sweep.report import write_report  # noqa: E402
-from vgkernels.tiny import test_image as make_image  # noqa: E402
+from vgkernels.integrations.tiny import test_image as make_image  # noqa: E402
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from vgkernels import KnockoutPlan, patch_model
 from vgkernels.integrations.continuation import Sampling
 from vgkernels.refine import VGRefine
 from tiny_models import models
-from vgkernels.tiny import test_image as make_image
+from vgkernels.integrations.tiny import test_image as make_image
 
 HEADS = [(2, 1), (1, 0), (3, 3), (1, 2)]
 G = 5

@@ -13,8 +13,8 @@ import torch
 from vgkernels.constants import REFERENCE_PROMPT as REF
 from vgkernels.refine import VGRefine
 from tiny_models import models
-from vgkernels.tiny import IMAGE_TOKEN_INDEX
-from vgkernels.tiny import test_image as make_image
+from vgkernels.integrations.tiny import IMAGE_TOKEN_INDEX
+from vgkernels.integrations.tiny import test_image as make_image
 
 FAMILIES = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-splice", "tiny-splice-vila"]
 HEADS = [(2, 1), (1, 0), (3, 3), (1, 2), (2, 0)]

@@ -48,7 +48,7 @@ def test_bad_rows_are_rejected_and_missing_images_retried(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["baseline"]["n"] == 3
     # the image appears: the next run answers that question only
-    from vgkernels.tiny import test_image
+    from vgkernels.integrations.tiny import test_image
 
     test_image(48, 48).save(data_dir / "images" / "later.png")
     assert _run(out, "--data", data, "--heads", HEADS, "--layers", "2") == 0

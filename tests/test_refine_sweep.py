@@ -4,7 +4,7 @@ import torch
 
 from vgkernels.refine import Setting, VGRefine
 from tiny_models import models
-from vgkernels.tiny import test_image as make_image
+from vgkernels.integrations.tiny import test_image as make_image
 
 HEADS = [(2, 1), (1, 0), (3, 3), (1, 2), (2, 0), (0, 1)]
 def model(name):

@@ -15,7 +15,7 @@ from vgkernels.sweep.command import sweep
 from vgkernels.sweep.datasets import load_samples
 from vgkernels.sweep.runner import MapRunner
 from vgkernels.sweep.store import load_results
-from vgkernels.tiny import test_image as make_image
+from vgkernels.integrations.tiny import test_image as make_image
 
 _BUNDLE = {}
 

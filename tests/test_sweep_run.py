@@ -19,8 +19,8 @@ from vgkernels.sweep.datasets import Sample, load_samples
 from vgkernels.integrations.loaders import load_model
 from vgkernels.sweep.runner import DEFAULT_ANSWER_SUFFIX, DEFAULT_REFERENCE, Encoder, MapRunner, with_suffix
 from vgkernels.sweep.store import load_results, read_maps
-from vgkernels.tiny import IMAGE_TOKEN_INDEX
-from vgkernels.tiny import test_image as make_image
+from vgkernels.integrations.tiny import IMAGE_TOKEN_INDEX
+from vgkernels.integrations.tiny import test_image as make_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The project's shared/ folder sits beside the repository (CI clones main next to it).
@@ -186,7 +186,7 @@ def test_reference_prompt_is_the_papers_with_the_answer_suffix():
 
 
 def test_model_from_a_local_hugging_face_directory(tmp_path):
-    from vgkernels.tiny import build_tiny
+    from vgkernels.integrations.tiny import build_tiny
 
     model, proc = build_tiny("tiny-llava", seed=4)
     model.save_pretrained(tmp_path / "ckpt")

@@ -20,8 +20,8 @@ from vgkernels.sweep.demo import make_demo_data
 from vgkernels.integrations.base import Shim
 
 chat_text = Shim.chat_text
-from vgkernels.tiny import build_tiny
-from vgkernels.tiny_grounded import (COLOUR_HEADS, COLOURS, COPY_HEAD, GRID, NUM_HEADS, NUM_LAYERS, PLANTED_HEADS,
+from vgkernels.integrations.tiny import build_tiny
+from vgkernels.integrations.tiny_grounded import (COLOUR_HEADS, COLOURS, COPY_HEAD, GRID, NUM_HEADS, NUM_LAYERS, PLANTED_HEADS,
                                      PLANTED_LAYERS, REGION_HEAD, expected_colour_scores)
 
 from vgkernels.constants import ANSWER_LINE as ANSWER

@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from vgkernels.tiny import IMAGE_TOKEN_INDEX, build_tiny, test_image
+from vgkernels.integrations.tiny import IMAGE_TOKEN_INDEX, build_tiny, test_image
 
 HF_NAMES = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 SPLICE_NAMES = ["tiny-splice", "tiny-splice-vila"]

@@ -58,7 +58,7 @@ def test_question_rows_match_eager_means(name, execution, gen):
 def test_no_question_rows_is_skipped():
     """A prompt that ends with the image has no question rows: NaN and the reason."""
     model, proc, _ = models("tiny-llava")
-    from vgkernels.tiny import test_image
+    from vgkernels.integrations.tiny import test_image
 
     inp = proc(images=[test_image(*SIZES[0])], text=["<image>"], return_tensors="pt")
     with patch_model(model, capture="all", capture_rows="question", backend="torch") as vg:

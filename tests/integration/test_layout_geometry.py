@@ -14,7 +14,7 @@ import torch
 
 import vgkernels
 from vgkernels import patch_model
-from vgkernels.tiny import CLIP_MEAN, CLIP_STD
+from vgkernels.integrations.tiny import CLIP_MEAN, CLIP_STD
 
 from tiny_models import gradient_image, logits_of, models
 

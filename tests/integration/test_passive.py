@@ -309,7 +309,7 @@ def test_several_images_capture_passes_through_others_are_captured():
     msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[0]}]}],
             [{"role": "user", "content": [{"type": "text", "text": PROMPTS[1]}]}]]
     texts = [proc.apply_chat_template(m, add_generation_prompt=True) for m in msgs]
-    from vgkernels.tiny import test_image
+    from vgkernels.integrations.tiny import test_image
 
     inp = proc(images=[test_image(*SIZES[0])], text=texts, return_tensors="pt", padding=True)
     want = logits_of(model, inp)

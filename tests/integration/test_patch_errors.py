@@ -94,7 +94,7 @@ def test_bad_plan_arguments():
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl", "tiny-splice"])
 def test_two_images_in_one_sample(name):
     model, proc, _ = models(name)
-    from vgkernels.tiny import test_image
+    from vgkernels.integrations.tiny import test_image
 
     imgs = [test_image(80, 60), test_image(60, 80, seed=1)]
     if name == "tiny-splice":

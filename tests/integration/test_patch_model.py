@@ -219,7 +219,7 @@ def test_model_wide_key_keeps_padding_through_the_mask_function(registered, monk
     left-padded batch silently attends to its padding."""
     from transformers.masking_utils import AttentionMaskInterface
 
-    from vgkernels.tiny import build_tiny
+    from vgkernels.integrations.tiny import build_tiny
 
     model, proc = build_tiny("tiny-llava", seed=1)
     model.model.language_model.config.__dict__["_attn_implementation_internal"] = ATTN_KEY

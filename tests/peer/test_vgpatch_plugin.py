@@ -16,7 +16,7 @@ INNER = '''
 import copy, gc, weakref
 import torch
 import transformers
-from vgkernels.tiny import build_tiny, test_image as draw_image
+from vgkernels.integrations.tiny import build_tiny, test_image as draw_image
 
 _REF = []
 

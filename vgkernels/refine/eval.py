@@ -401,7 +401,7 @@ def write_demo_data(directory: str, n: int = 12, seed: int = 0) -> str:
     four-option questions) to ``directory/data.jsonl``; returns its path."""
     import random
 
-    from ..tiny import test_image
+    from vgkernels.integrations.tiny import test_image
 
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
     rnd = random.Random(seed)

@@ -8,7 +8,7 @@
    reference maps for every layer and head, AR/KL/JS, tables and plots.
 3. Ranks heads (``vgkernels heads``) and writes ``heads.json``.
 
-``tiny-grounded`` (:mod:`vgkernels.tiny_grounded`) is built, not trained, so that three
+``tiny-grounded`` (:mod:`vgkernels.integrations.tiny_grounded`) is built, not trained, so that three
 of its heads attend to the image tokens of the colour the question names: the demo's
 table and ``layers.png`` show its layers 3 and 5 standing out (AR about 3.4 and 2.5, the
 others 1.00), ``heads_kl.png`` outlines the planted heads, which the ranking puts first,
@@ -26,7 +26,7 @@ import random
 
 import numpy as np
 
-from ..tiny_grounded import COLOURS
+from vgkernels.integrations.tiny_grounded import COLOURS
 from .datasets import LOCALISATION_TEMPLATES
 
 DEMO_MODEL = "tiny-grounded"
@@ -139,7 +139,7 @@ def _run(args) -> int:
         command.run(sargs)
         planted = None
         if parse_tiny(args.model)[0] == "tiny-grounded":
-            from ..tiny_grounded import PLANTED_HEADS, PLANTED_LAYERS
+            from vgkernels.integrations.tiny_grounded import PLANTED_HEADS, PLANTED_LAYERS
 
             planted = [tuple(h) for h in PLANTED_HEADS]
         rep = report.write_report(sweep_dir, overlays=4, marked_heads=planted, mark_label="planted")
