@@ -245,10 +245,9 @@ class VGHandle:
             for owner in self.shim.generate_owners():
                 if not callable(getattr(owner, "generate", None)):
                     continue
-                had = "generate" in owner.__dict__
-                prev = owner.__dict__.get("generate")
-                owner.__dict__["generate"] = self._wrap_generate(owner.generate)
-                self._saved_generate.append((owner, had, prev))
+                wrapper = _Generate(self, owner)
+                owner.__dict__["generate"] = wrapper
+                self._saved_generate.append((owner, wrapper))
         except Exception:
             self.unpatch()
             raise
@@ -261,16 +260,10 @@ class VGHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for owner, had, prev in reversed(self._saved_generate):
-            if had:
-                owner.__dict__["generate"] = prev
-            else:
-                owner.__dict__.pop("generate", None)
+        for owner, wrapper in reversed(self._saved_generate):
+            wrapper.remove_from(owner)
         self._saved_generate.clear()
         self.active = False
-
-    def _wrap_generate(self, orig):
-        return _Generate(self, orig)
 
     def _generate(self, orig, args, kwargs):
         if not self.active:
@@ -427,9 +420,18 @@ class VGHandle:
         if self.capture_rows == "question":
             ranges = [(min(l.key_start + l.N, e + 1), e + 1) if l is not None else (0, 0)
                       for l, e in zip(lays, last)]
+        if self.layers:
             for u in range(B // k):
-                if lays[u * k] is not None and ranges[u * k][0] >= ranges[u * k][1]:
+                b = u * k
+                if lays[b] is None:
+                    continue
+                if ranges is not None and ranges[b][0] >= ranges[b][1]:
                     self._note(u, "no question rows after the image", raise_for_knockout=False)
+                elif (ranges[b][0] if ranges is not None else rows[b]) < past:
+                    what = "question rows start" if ranges is not None else "last prompt token is"
+                    self._note(u, f"its {what} at position {ranges[b][0] if ranges is not None else rows[b]}, "
+                                  f"inside the KV cache ({past} positions) computed before this call",
+                               raise_for_knockout=False)
         plan = build_plan(sq=Sq, sk=total, layouts=lays, device=device, capture_slots=self._slots, rows=rows,
                           row_ranges=ranges, band=band)
         self._takeover.plan = plan
@@ -521,15 +523,36 @@ class VGHandle:
 
 class _Generate:
     """The per-instance ``generate`` while patched (an object rather than a closure, so
-    that a deep copy of the model binds it to the copy)."""
+    that a deep copy of the model binds it to the copy). It remembers what it replaced in
+    the instance dict (``had``, ``prev``) so that handles unpatched in any order restore
+    the model: one removed from under another hands its own ``orig``/``had``/``prev`` to
+    the wrapper above it."""
 
-    def __init__(self, handle, orig):
-        self.handle, self.orig = handle, orig
-        self.__wrapped__ = orig
-        self.__doc__ = getattr(orig, "__doc__", None)
+    def __init__(self, handle, owner):
+        self.handle = handle
+        self.had = "generate" in owner.__dict__
+        self.prev = owner.__dict__.get("generate")
+        self.orig = owner.generate
+        self.__wrapped__ = self.orig
+        self.__doc__ = getattr(self.orig, "__doc__", None)
 
     def __call__(self, *args, **kwargs):
         return self.handle._generate(self.orig, args, kwargs)
+
+    def remove_from(self, owner) -> None:
+        node = owner.__dict__.get("generate")
+        if node is self:
+            if self.had:
+                owner.__dict__["generate"] = self.prev
+            else:
+                owner.__dict__.pop("generate", None)
+            return
+        while isinstance(node, _Generate):
+            if node.prev is self:  # node wraps this one: splice this one out
+                node.orig, node.__wrapped__, node.had, node.prev = self.orig, self.orig, self.had, self.prev
+                return
+            node = node.prev
+        # generate was replaced by something else since: leave it as it is
 
 
 class _Detached:

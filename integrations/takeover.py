@@ -248,7 +248,8 @@ class Band:
     end: int
     rows: torch.Tensor
     knockout: Knockout
-    keep_window: torch.Tensor  # (B, n) bool over the window, for output_attentions
+    keep_window: torch.Tensor  # (B, nb) bool over the knockout's window, for output_attentions
+    keep_capture: torch.Tensor  # (B, n) bool: ``keep`` over the capture window (True off the image)
 
 
 @dataclass
@@ -306,6 +307,23 @@ def sequence_offsets(lay: ImageLayout) -> torch.Tensor:
     return torch.arange(lay.N) if order is None else torch.as_tensor(order, dtype=torch.long)
 
 
+def _windows(layouts, n: int, limit: int):
+    """Per sample a window ``[win, win + n)`` inside ``[0, limit)`` holding its image
+    (``win = min(key_start, limit - n)``), ``gather (B, n)``: the window offset of
+    row-major image token ``t``, and ``valid (B, n)``: ``t < N_b``. None: no window."""
+    B = len(layouts)
+    win, gather, valid = [], torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.bool)
+    for b, lay in enumerate(layouts):
+        if lay is None:
+            win.append(0)
+            continue
+        w = min(lay.key_start, limit - n)
+        win.append(w)
+        gather[b, : lay.N] = (lay.key_start - w) + sequence_offsets(lay)
+        valid[b, : lay.N] = True
+    return win, gather, valid
+
+
 def build_plan(*, sq: int, sk: int, layouts: Sequence[Optional[ImageLayout]], device,
                capture_slots: Optional[dict] = None, rows: Optional[Sequence[int]] = None,
                row_ranges: Optional[Sequence[tuple]] = None, band: Optional[BandSpec] = None) -> CallPlan:
@@ -340,33 +358,34 @@ def build_plan(*, sq: int, sk: int, layouts: Sequence[Optional[ImageLayout]], de
             pos = torch.arange(first + r0, first + r1)
             band_rows = torch.stack([(pos >= lo[b]) & (pos < hi[b]) for b in range(B)])
     end = first + r1 if band_rows is not None else sk
-    limit = min(end, sk)
-    if n > limit:
-        raise ValueError(f"an image of {n} tokens does not fit the {limit} keys of this call")
-    # One window of n keys per sample, moved left where it would pass the keys' end.
-    win, gather, valid = [], torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.bool)
-    for b, lay in enumerate(layouts):
-        if lay is None:
-            win.append(0)
-            continue
-        w = min(lay.key_start, limit - n)
-        win.append(w)
-        gather[b, : lay.N] = (lay.key_start - w) + sequence_offsets(lay)
-        valid[b, : lay.N] = True
+    if n > sk:
+        raise ValueError(f"an image of {n} tokens does not fit the {sk} keys of this call")
+    # The capture window: n keys per sample over the call's keys, moved left where it
+    # would pass their end; ``gather`` maps row-major image token t to its window offset.
+    win, gather, valid = _windows(layouts, n, sk)
     win_t = torch.tensor(win, dtype=torch.long)
     if band_rows is not None:
         if any(l is None for l in layouts):
             missing = [b for b, l in enumerate(layouts) if l is None]
             raise ValueError(f"knockout: sample(s) {missing} have no image to knock out")
-        keep_w = torch.ones(B, n, dtype=torch.bool)
+        # The band's own window: the band call sees keys [0, end) only, so it is sized by
+        # the images of the samples that knock out (theirs end before their first band
+        # row); the other samples keep every key and their window is irrelevant.
+        nb = max(layouts[b].N for b in range(B) if band_rows[b].any())
+        bwin, bgather, _ = _windows([l if band_rows[b].any() else None for b, l in enumerate(layouts)], nb, end)
+        keep_w = torch.ones(B, nb, dtype=torch.bool)
+        keep_c = torch.ones(B, n, dtype=torch.bool)
         for b, lay in enumerate(layouts):
-            keep_w[b].scatter_(0, gather[b, : lay.N], kp[b, : lay.N])
+            if band_rows[b].any():
+                keep_w[b].scatter_(0, bgather[b, : lay.N], kp[b, : lay.N])
+            keep_c[b].scatter_(0, gather[b, : lay.N], kp[b, : lay.N])
         ko = Knockout(torch.tensor(band.query_start, dtype=torch.long).clamp(max=end).to(device),
                       torch.tensor(band.query_end, dtype=torch.long).clamp(max=end).to(device),
-                      win_t.to(device), keep_w.to(device), band.mode)
+                      torch.tensor(bwin, dtype=torch.long).to(device), keep_w.to(device), band.mode)
         # clamp start <= end so the kernel sees a valid (possibly empty) range
         ko = ko._replace(query_start=torch.minimum(ko.query_start, ko.query_end))
-        plan.band = Band(frozenset(band.layers), r0, r1, end, band_rows.to(device), ko, keep_w.to(device))
+        plan.band = Band(frozenset(band.layers), r0, r1, end, band_rows.to(device), ko, keep_w.to(device),
+                         keep_c.to(device))
     if capture_slots and row_ranges is not None:
         captured = [l is not None and first <= row_ranges[b][0] < row_ranges[b][1] <= sk
                     for b, l in enumerate(layouts)]
@@ -495,27 +514,31 @@ class Takeover:
                                               (query, key, value, scaling, dropout, kwargs))
         else:
             out, weights = self._original(module, cfg, query, key, value, mask, scaling, dropout, kwargs)
-            probs = band_probs = lse = None
+            probs = lse = None
             if band is not None:
-                out, band_probs, lse = self._band(kernels, q, k, v, kpm, scale, plan, cap, band, out)
+                out, lse = self._band(kernels, q, k, v, kpm, band, scale, out)
                 if isinstance(weights, torch.Tensor):
                     weights = self._band_weights(weights, q, k, kpm, scale, band, lse, plan.sq, plan.sk)
             if cap is not None and cap.mode == "question":
                 if band is not None and band.r0 <= cap.q0 and cap.q1 <= band.r1:
                     lse_q = lse[:, :, cap.q0 - band.r0: cap.q1 - band.r0]
                 else:
-                    end = plan.sk - plan.sq + cap.q1
+                    # the rows' log-sum-exp, with the knockout where a row has it (rows
+                    # [lo, hi) cover the question rows and the band; keys end at the last)
+                    lo, hi = (cap.q0, cap.q1) if band is None else (min(cap.q0, band.r0), max(cap.q1, band.r1))
+                    end = plan.sk - plan.sq + hi
                     kp = None if kpm is None else kpm[:, :end].contiguous()
-                    lse_q = kernels.attention(q[:, cap.q0:cap.q1], k[:, :end], v[:, :end], True, scale, kp, None,
-                                              None, True)[1]
-                probs = self._mean_rows(q, k, lse_q, scale, cap, band)
+                    lse_q = kernels.attention(q[:, lo:hi], k[:, :end], v[:, :end], True, scale, kp,
+                                              None if band is None else band.knockout, None, True)[1]
+                    lse_q = lse_q[:, :, cap.q0 - lo: cap.q1 - lo]
+                probs = self._mean_rows(q, k, lse_q, scale, cap, band, kpm)
             elif cap is not None:
-                probs = band_probs
                 if band is None or not all(cap.in_band):
-                    row_probs = self._row_capture(kernels, q, k, v, kpm, scale, plan, cap)
-                    if band_probs is not None:
-                        row_probs = torch.where(cap.in_band_t[:, None, None], band_probs, row_probs)
-                    probs = row_probs
+                    probs = self._row_capture(kernels, q, k, v, kpm, scale, plan, cap)
+                if band is not None and any(cap.in_band):
+                    band_probs = self._band_row_capture(q, k, lse, scale, cap, band, kpm)
+                    probs = band_probs if probs is None else torch.where(cap.in_band_t[:, None, None], band_probs,
+                                                                        probs)
         if cap is not None:
             self._store(plan.capture, li, probs)
         return out, weights
@@ -535,22 +558,39 @@ class Takeover:
         if self.on_problem is not None:
             self.on_problem(f"layer {li}: {reason}")
 
-    def _band(self, kernels, q, k, v, kpm, scale, plan, cap, band, out):
-        """Recompute the knockout rows; returns ``(out, band probs or None, lse)``."""
+    def _band(self, kernels, q, k, v, kpm, band, scale, out):
+        """Recompute the knockout rows ``[r0, r1)`` over keys ``[0, end)`` and write them
+        over the samples' knocked-out rows of ``out``; returns ``(out, lse (B, Hq, r1 - r0))``."""
         r0, r1, end = band.r0, band.r1, band.end
-        cap_in = cap is not None and cap.mode == "last" and any(cap.in_band)
-        capture = Capture(cap.limit, cap.win, cap.n) if cap_in else None
-        if capture is not None:
-            # rows outside the band are never read; keep every row inside the call's block
-            lo = plan.sk - plan.sq + r0
-            capture = capture._replace(row=cap.limit.clamp(min=lo, max=end - 1))
         kp = None if kpm is None else kpm[:, :end].contiguous()
-        o, lse, probs = kernels.attention(q[:, r0:r1], k[:, :end], v[:, :end], True, scale, kp, band.knockout,
-                                          capture, True)
+        o, lse, _ = kernels.attention(q[:, r0:r1], k[:, :end], v[:, :end], True, scale, kp, band.knockout,
+                                      None, True)
         rows = band.rows[:, :, None, None]
         merged = torch.where(rows, o.to(out.dtype), out[:, r0:r1])
         out = torch.cat([out[:, :r0], merged, out[:, r1:]], dim=1)
-        return out, probs, lse
+        return out, lse
+
+    @staticmethod
+    def _window_keep(cap, kpm, keep=None):
+        """``(B, n)`` bool over the capture window: real keys (``kpm``), and ``keep``."""
+        if kpm is not None:
+            idx = cap.win[:, None] + torch.arange(cap.n, device=cap.win.device)[None, :]
+            real = torch.gather(kpm, 1, idx)
+            keep = real if keep is None else keep & real
+        return keep
+
+    def _band_row_capture(self, q, k, lse, scale, cap, band, kpm):
+        """``(B, Hq, n)``: the captured rows inside the band, rebuilt from the band's
+        log-sum-exp (``exp(scale·q·k_j − lse)``, zero on knocked-out and padding keys);
+        rows of samples outside the band are garbage, replaced by the caller."""
+        B = q.shape[0]
+        rebuild = _dispatch.get(self.backend, q.device, "capture_from_lse").capture_from_lse
+        i = (cap.rel - band.r0).clamp(0, band.r1 - band.r0 - 1)
+        ar = torch.arange(B, device=q.device)
+        q_row = q[ar, cap.rel]  # (B, Hq, D)
+        lse_row = lse[ar, :, i].float()  # (B, Hq)
+        keep = self._window_keep(cap, kpm, band.keep_capture)
+        return rebuild(q_row, k, lse_row, cap.win, cap.n, scale, keep)
 
     def _row_capture(self, kernels, q, k, v, kpm, scale, plan, cap):
         """``(B, Hq, n)``: each captured row's probabilities, from a one-row kernel call."""
@@ -565,17 +605,23 @@ class Takeover:
                                         Capture(last, cap.win, cap.n), True)
         return probs
 
-    def _mean_rows(self, q, k, lse, scale, cap, band):
+    def _mean_rows(self, q, k, lse, scale, cap, band, kpm):
         """``(B, Hq, n)``: the probabilities over the window averaged over each sample's
         rows, rebuilt one row at a time from the rows' log-sum-exp (``capture_from_lse``:
-        ``exp(scale·q·k_j − lse)``, zero on knocked-out keys), so no ``rows × keys`` score
-        matrix is ever formed."""
+        ``exp(scale·q·k_j − lse)``, zero on padding keys and, in a sample's knocked-out
+        rows, on its knocked-out keys), so no ``rows × keys`` score matrix is ever formed."""
         rebuild = _dispatch.get(self.backend, q.device, "capture_from_lse").capture_from_lse
-        keep = band.keep_window if band is not None else None
+        real = self._window_keep(cap, kpm)
         acc = None
         for i in range(cap.q1 - cap.q0):
+            r = cap.q0 + i
+            keep = real
+            if band is not None and band.r0 <= r < band.r1:
+                knocked = band.rows[:, r - band.r0, None]  # (B, 1): this row is knocked out
+                kept = band.keep_capture | ~knocked
+                keep = kept if keep is None else keep & kept
             w = cap.weights[:, i]
-            p = rebuild(q[:, cap.q0 + i], k, lse[:, :, i].float(), cap.win, cap.n, scale, keep)
+            p = rebuild(q[:, r], k, lse[:, :, i].float(), cap.win, cap.n, scale, keep)
             # rows a sample does not average (weight 0) may have no key at all (lse = -inf)
             p = torch.where(w[:, None, None] > 0, p * w[:, None, None], 0.0)
             acc = p if acc is None else acc + p
@@ -590,7 +636,7 @@ class Takeover:
         capture = Capture(cap.limit, cap.win, cap.n) if cap is not None and cap.mode == "last" else None
         out, lse, probs = kernels.attention(q, k, v, True, scale, kpm, ko, capture, cap is not None)
         if cap is not None and cap.mode == "question":
-            probs = self._mean_rows(q, k, lse[:, :, cap.q0:cap.q1], scale, cap, band)
+            probs = self._mean_rows(q, k, lse[:, :, cap.q0:cap.q1], scale, cap, band, kpm)
         weights = None
         if cfg._attn_implementation in (None, "eager"):
             # the model would return eager weights: give them, knocked-out rows recomputed
