@@ -104,6 +104,45 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _checkpoint_family(name: str, vision_tower: Optional[str] = None):
+    """``(model_type, family)`` of a local checkpoint directory, from its config.json
+    alone (``ValueError`` naming what is wrong)."""
+    from .tiny import TINY_MODELS
+
+    if not os.path.isdir(name):
+        raise ValueError(f"model: {name!r} is neither a built-in tiny model ({sorted(TINY_MODELS)}) "
+                         f"nor a local model directory")
+    cfg_path = os.path.join(name, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"model: {name!r} has no config.json; expected a Hugging Face model directory")
+    try:
+        with open(cfg_path) as f:
+            mtype = json.load(f).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"model: {cfg_path} is not a JSON object ({e})") from None
+    fam = FAMILIES.get(mtype)
+    if fam is None:
+        raise ValueError(f"model: {name!r} has model_type {mtype!r}; supported: {sorted(FAMILIES)}")
+    if vision_tower is not None and fam.hf_class is not None:
+        raise ValueError(f"vision_tower: only LLaVA-codebase checkpoints take a separate vision tower; {name!r} has "
+                         f"model_type {mtype!r} ({fam.hf_class})")
+    return mtype, fam
+
+
+def check_model(name: str, *, vision_tower: Optional[str] = None) -> None:
+    """What :func:`load_model` would refuse about ``name`` (a tiny-model name with an
+    unknown size keyword, a missing directory, an unsupported ``model_type``), checked
+    without loading anything: ``ValueError``."""
+    from .tiny import TINY_MODELS
+
+    base, _ = parse_tiny(name)
+    if base in TINY_MODELS:
+        if vision_tower is not None:
+            raise ValueError(f"vision_tower: only LLaVA-codebase checkpoints take a separate vision tower, not {base}")
+        return
+    _checkpoint_family(name, vision_tower)
+
+
 def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype: Optional[str] = None,
                attn_implementation: Optional[str] = None, seed: int = 0, tiny_overrides: Optional[dict] = None,
                device_map: Optional[Union[str, dict]] = None, max_memory: Optional[dict] = None,
@@ -146,20 +185,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: Optional[str] = None, dtype
             model = dispatch(model.eval(), device_map, max_memory, offload_folder)
             return ModelBundle(label, model, proc, input_device(model))
         return ModelBundle(label, model.to(dev).eval(), proc, dev)
-    if not os.path.isdir(name):
-        raise ValueError(f"model: {name!r} is neither a built-in tiny model ({sorted(TINY_MODELS)}) "
-                         f"nor a local model directory")
-    cfg_path = os.path.join(name, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ValueError(f"model: {name!r} has no config.json; expected a Hugging Face model directory")
-    with open(cfg_path) as f:
-        mtype = json.load(f).get("model_type")
-    fam = FAMILIES.get(mtype)
-    if fam is None:
-        raise ValueError(f"model: {name!r} has model_type {mtype!r}; supported: {sorted(FAMILIES)}")
-    if vision_tower is not None and fam.hf_class is not None:
-        raise ValueError(f"vision_tower: only LLaVA-codebase checkpoints take a separate vision tower; {name!r} has "
-                         f"model_type {mtype!r} ({fam.hf_class})")
+    mtype, fam = _checkpoint_family(name, vision_tower)
     if fam.hf_class is None:
         load = fam.load_function()
         if load is None:
@@ -291,5 +317,5 @@ def dispatch(model, device_map, max_memory=None, offload_folder=None):
     return dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
 
 
-__all__ = ["ModelBundle", "load_model", "parse_tiny", "resolve_dtype", "DEFAULT_MODEL", "single_process_loading",
+__all__ = ["ModelBundle", "load_model", "check_model", "parse_tiny", "resolve_dtype", "DEFAULT_MODEL", "single_process_loading",
            "check_not_tensor_parallel", "model_devices", "input_device", "dispatch"]

@@ -22,6 +22,15 @@ HEADS = "2:1,1:0,3:3,1:2"
     ("", "yes", False),                    # empty response is never right
     ("...", "yes", False),
     ("kidney", "liver", False),
+    # whole words only: a word is never matched inside another
+    ("not sure", "no", False),
+    ("Normal", "no", False),
+    ("I do not know", "no", False),
+    ("The eyes", "yes", False),
+    ("No, there is none.", "no", True),
+    ("3.5 cm", "3.5 cm", True),
+    ("about 3.5 cm wide", "3.5 cm", True),
+    ("x-ray", "ray", False),
 ])
 def test_short_answer_rule(response, answer, ok):
     assert RE.short_answer_correct(response, answer) is ok
@@ -33,6 +42,9 @@ OPTS = {"A": "Liver", "B": "Lung", "C": "Heart", "D": "Brain"}
 @pytest.mark.parametrize("response,letter", [
     ("B", "B"), ("B.", "B"), ("(C)", "C"), ("D. Brain", "D"), ("The answer is A", "A"),
     ("answer: c", "C"), ("heart", "C"), ("I think it is the lung", "B"), ("none", None), ("", None),
+    # the article "A" is not option A
+    ("A lung.", "B"), ("A lung is shown", "B"), ("A. Liver", "A"), ("A", "A"), ("(A) liver", "A"),
+    ("A) Liver", "A"), ("It is A", "A"), ("Lungs", None),
 ])
 def test_choice_letter(response, letter):
     assert RE.choice_letter(response, OPTS) == letter

@@ -185,3 +185,77 @@ def test_heads_json_is_valid_json_with_the_models_shape(tmp_path):
     assert all(h["layer"] in (2, 5, 7) for h in doc["heads"])
     assert doc["heads"][-1] == {"layer": 2, "head": 0, "score": None, "n": 0}
     assert all(math.isfinite(h["score"]) for h in doc["heads"][:-1])
+
+
+def test_a_data_file_with_no_usable_row_stops_before_the_model_and_leaves_no_settings(tmp_path, monkeypatch, capsys):
+    """An --image-pattern that cannot format the ids rejects every row while parsing:
+    exit 1 with the reason, no model loaded, and the corrected command then runs in the
+    same --out (no settings of the failed start block it)."""
+    import vgkernels.integrations.loaders as L
+
+    make_image(56, 56).save(tmp_path / "a.png")
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"image": "a", "question": "Is there a shape?", "bbox": [[4, 6, 24, 20]]}) + "\n")
+    out = tmp_path / "o"
+    real = L.load_model
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = ["sweep", "--model", "tiny-llava", "--data", str(data), "--image-root", str(tmp_path), "--out", str(out),
+            "--no-progress", "--workers", "0", "--no-report", "--overlays", "0"]
+    assert main(args + ["--image-pattern", "{img}.png"]) == 1
+    err = capsys.readouterr().err
+    assert "--data: no usable sample in" in err and "1 rows rejected (1 x malformed row)" in err
+    assert "cannot format image id 'a'" in err and not (out / "meta.json").exists()
+    monkeypatch.setattr(L, "load_model", real)
+    assert main(args + ["--image-pattern", "{image}.png"]) == 0
+    assert len(load_results(str(out))[1]) == 1
+
+
+def test_bad_boxes_are_rejected_as_bad_box(tmp_path):
+    rows = [_row(0, "a.png", box=(4, 6, -1, 20)), {**_row(1, "a.png"), "boxes": [[1, 2, float("nan"), 3]]},
+            _row(2, "a.png")]
+    p = tmp_path / "m.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))  # NaN written as the bare NaN JSON allows
+    samples, rejects = load_samples(str(p))
+    assert [s.sid for s in samples] == ["m2"]
+    assert [(r.line, r.kind) for r in rejects] == [(1, "bad box"), (2, "bad box")]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--limit", "-1"], "argument --limit: expected an integer >= 1, got -1"),
+    (["--limit", "0"], "argument --limit: expected an integer >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
+    (["--device", "nope"], "--device: 'nope' is not a torch device"),
+    (["--model", "tiny-llava:foo=1"], "--model: unknown size keyword 'foo' in 'tiny-llava:foo=1'"),
+    (["--model", "no/such/dir"], "--model: 'no/such/dir' is neither a built-in tiny model"),
+])
+@pytest.mark.parametrize("command", ["sweep", "refine"])
+def test_usage_errors_exit_2_before_anything_loads(tmp_path, monkeypatch, capsys, command, argv, message):
+    import vgkernels.integrations.loaders as L
+
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = _manifest(tmp_path, [_row(0, "a.png")])
+    base = (["sweep", "--data", data] if command == "sweep" else ["refine", "--demo", "2"]) + \
+        ["--out", str(tmp_path / "o"), "--model", "tiny-llava"]
+    try:
+        code = main(base + argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_heads_out_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    fake_sweep(tmp_path / "s", n=3)
+    mine = tmp_path / "questions.jsonl"
+    mine.write_text('{"image": "x"}\n')
+    assert main(["heads", "--sweep", str(tmp_path / "s"), "--top-k", "3", "--out", str(mine)]) == 2
+    assert "exists and is not a heads file" in capsys.readouterr().err
+    assert mine.read_text() == '{"image": "x"}\n'
+    ranked = tmp_path / "h.json"
+    assert main(["heads", "--sweep", str(tmp_path / "s"), "--top-k", "3", "--out", str(ranked)]) == 0
+    assert main(["heads", "--sweep", str(tmp_path / "s"), "--top-k", "2", "--out", str(ranked)]) == 0  # re-rank
+    assert len(json.loads(ranked.read_text())["heads"]) == 2

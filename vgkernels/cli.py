@@ -18,8 +18,7 @@ COMMANDS = {
     "heads": ("vgkernels.sweep.heads", "rank attention heads of a finished sweep by mean KL, write heads.json"),
     "report": ("vgkernels.sweep.report", "redraw the tables and plots of a finished sweep"),
     "demo": ("vgkernels.sweep.demo", "generate coloured shapes on noise with boxes and sweep tiny-grounded, a tiny model "
-                                     "with planted grounding heads, over it (the default command; under a minute on a "
-                                     "2-core CPU)"),
+                                     "with planted grounding heads, over it (the default command)"),
     "refine": ("vgkernels.refine.cli", "closed-ended VQA accuracy with and without VGRefine, with K/p/layer sweeps"),
 }
 DEFAULT_COMMAND = "demo"

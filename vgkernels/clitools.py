@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -29,6 +30,48 @@ class UsageError(ValueError):
 class RunError(RuntimeError):
     """A run that cannot go on (exit 1): its output folder is in use, nothing could be
     computed, too many samples failed."""
+
+
+def at_least(lo: int):
+    """An argparse ``type``: an integer ``>= lo`` (argparse reports a bad one: exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+def check_model_options(args) -> None:
+    """``--model``, ``--device``, ``--dtype`` and ``--vision-tower`` checked before any
+    model is loaded (:class:`UsageError`, exit 2): what the loader would refuse after
+    minutes of loading, refused at once."""
+    import torch
+
+    from vgkernels.integrations.loaders import check_model
+
+    device = getattr(args, "device", None)
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"--device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    vt = getattr(args, "vision_tower", None)
+    if vt is not None and not os.path.isdir(vt):
+        raise UsageError(f"--vision-tower: {vt!r} is not a folder")
+    try:
+        check_model(args.model, vision_tower=vt)
+    except ValueError as e:
+        raise UsageError(f"--{e}" if str(e).startswith("model: ") else str(e)) from None
 
 
 class _ConsoleHandler(logging.Handler):
@@ -137,5 +180,5 @@ def progress_enabled(args) -> bool:
     return not getattr(args, "no_progress", False) and not quiet()
 
 
-__all__ = ["Parser", "UsageError", "RunError", "logger", "run_command", "add_common_options", "set_verbosity", "quiet",
+__all__ = ["Parser", "UsageError", "at_least", "check_model_options", "DTYPES", "RunError", "logger", "run_command", "add_common_options", "set_verbosity", "quiet",
            "INTERRUPTED", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "progress_enabled"]

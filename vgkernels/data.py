@@ -20,11 +20,12 @@ from .constants import OFFICIAL_GRID
 
 
 class RowError(ValueError):
-    """A malformed row; ``line`` is 1-based."""
+    """A malformed row; ``line`` is 1-based; ``kind``: ``"bad box"`` for a box that
+    cannot be one (NaN, negative size), else ``"malformed row"``."""
 
-    def __init__(self, path: str, line: int, message: str):
+    def __init__(self, path: str, line: int, message: str, kind: str = "malformed row"):
         super().__init__(f"{path}:{line}: {message}")
-        self.path, self.line, self.reason = path, line, message
+        self.path, self.line, self.reason, self.kind = path, line, message, kind
 
 
 @dataclass
@@ -59,14 +60,15 @@ def parse_question(obj, path: str = "<row>", line: int = 0) -> QuestionRecord:
         raise RowError(path, line, f"question: expected non-empty text, got {question!r}")
     boxes = obj["bbox"]
     if not isinstance(boxes, list) or not boxes:
-        raise RowError(path, line, f"bbox: expected a non-empty list of [x, y, w, h], got {boxes!r}")
+        raise RowError(path, line, f"bbox: expected a non-empty list of [x, y, w, h], got {boxes!r}", "bad box")
     parsed = []
     for b in boxes:
         ok = isinstance(b, list) and len(b) == 4 and all(
             isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in b
         )
         if not ok or b[2] < 0 or b[3] < 0:
-            raise RowError(path, line, f"bbox: expected [x, y, w, h] with finite numbers and w, h >= 0, got {b!r}")
+            raise RowError(path, line, f"bbox: expected [x, y, w, h] with finite numbers and w, h >= 0, got {b!r}",
+                           "bad box")
         parsed.append([float(c) for c in b])
     gt = obj.get("gt_tokens")
     if gt is not None:
@@ -92,7 +94,7 @@ def iter_json_lines(path: str) -> Iterator[tuple[int, Union[object, RowError]]]:
             try:
                 yield i, json.loads(text)
             except json.JSONDecodeError as e:
-                yield i, RowError(path, i, f"not valid JSON ({e.msg} at column {e.colno})")
+                yield i, RowError(path, i, f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
 
 
 def iter_questions(path: str, *, errors: str = "raise") -> Iterator[Union[QuestionRecord, RowError]]:

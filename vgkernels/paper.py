@@ -19,12 +19,12 @@ authors (this module) vs. the exact profile (the default):
 - JS: per row with ``1e-8`` in the normaliser and inside both logs vs. per row, exact
   (``0 <= JS <= ln 2``);
 - closed-ended scoring: ``capitalize()``, nothing stripped, answer in response or
-  response in answer, an empty response correct vs. lower-cased, whitespace and outer
-  punctuation removed, an empty response wrong;
+  response in answer, an empty response correct vs. containment on whole lower-cased
+  words (``"no"`` is not inside ``"not sure"``), an empty response wrong;
 - multiple choice: ``match_choice3`` (the first letter A-N in either case by regex, as
   written; else the option text found last; else the highest ``difflib`` ratio) vs. an
-  option letter standing alone (first word, "answer is X", anywhere), else exactly one
-  option's text, else no answer.
+  option letter standing alone (first word, "answer is X", anywhere; not the article
+  "A"), else exactly one option's text, else no answer.
 
 Why the default differs: normalising KL over all layers makes a layer's score depend on
 the other layers of the same sample (a layer's KL moves when another layer's attention

@@ -38,7 +38,8 @@ import os
 import sys
 from typing import Optional
 
-from ..clitools import RunError, UsageError, logger, progress_enabled
+from .._dispatch import BACKENDS
+from ..clitools import DTYPES, RunError, UsageError, at_least, check_model_options, logger, progress_enabled
 
 RESULT_FIELDS = ("model", "data", "heads", "settings", "max_new_tokens", "reference_prompt", "seed", "dtype",
                  "profile", "maps", "decoding", "vision_tower", "where")
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accept a heads.json ranked on a model of another name (its layer and head counts must "
                         "still match this model's)")
     p.add_argument("--layers", default="16", help="knockout layers, e.g. 16 or 34,35,36")
-    p.add_argument("--k", type=int, default=None, help="top-K heads (default: all given)")
+    p.add_argument("--k", type=at_least(1), default=None, help="top-K heads (default: all given)")
     p.add_argument("--p", type=float, default=50.0, help="percentile threshold (default 50)")
     p.add_argument("--mode", default="renorm", choices=("renorm", "zero"),
                    help="knockout: renorm (-inf before the softmax, the authors' code) or zero (probabilities "
@@ -68,12 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-p", default=None, help="comma-separated percentiles (replaces --p)")
     p.add_argument("--sweep-layers", default=None, help="layer sets separated by ';', e.g. '16;34,35,36'")
     p.add_argument("--reference-prompt", default=None, help="default: 'Write a general description of the image.'")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer length in tokens (default 8)")
-    p.add_argument("--batch-size", type=int, default=4, help="questions per batch (default 4)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=8, help="greedy answer length in tokens (default 8)")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="questions per batch (default 4)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="evaluate only the first N rows")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float16, bfloat16, float32")
-    p.add_argument("--backend", default="auto", help="kernel backend of the knockout layers (default auto)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto (bfloat16 on CUDA, float32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend of the knockout layers (default auto)")
     from ..sweep.command import add_device_map_arguments
 
     add_device_map_arguments(p)
@@ -271,8 +272,7 @@ def run(args) -> int:
         raise UsageError("give exactly one of --data FILE or --demo N")
     if args.data is not None and not os.path.isfile(args.data):
         raise UsageError(f"--data: {args.data!r} does not exist")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    check_model_options(args)
     lock = outdir.claim(args.out, "refine", overwrite=args.overwrite)
     try:
         return _run_locked(args)

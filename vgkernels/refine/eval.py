@@ -98,29 +98,52 @@ def normalize(text: str) -> str:
     return " ".join(str(text).lower().split()).strip(_STRIP)
 
 
+_WORD = re.compile(r"[0-9a-z%]+(?:[.'-][0-9a-z%]+)*")
+
+
+def words(text: str) -> list:
+    """The lower-cased words of ``text`` (letters, digits and ``%``; inner ``.``, ``'`` and
+    ``-`` kept, so ``3.5 cm``, ``x-ray`` and ``don't`` stay whole); punctuation dropped."""
+    return _WORD.findall(str(text).lower())
+
+
+def _contains(seq: list, part: list) -> bool:
+    n = len(part)
+    return any(seq[i:i + n] == part for i in range(len(seq) - n + 1))
+
+
 def short_answer_correct(response: str, answer: str) -> bool:
-    """The authors' rule: ``answer in response or response in answer`` (normalised),
-    an empty response being wrong."""
-    r, a = normalize(response), normalize(answer)
+    """Containment on whole words: the answer's words appear, in order and adjacent, in the
+    response, or the response's in the answer. An empty response is wrong, and a word is
+    never matched inside another (``"no"`` is not in ``"not sure"`` nor in ``"normal"``)."""
+    r, a = words(response), words(answer)
     if not r or not a:
         return False
-    return a in r or r in a
+    return _contains(r, a) or _contains(a, r)
+
+
+# The article "A" (followed by a word) is not the letter A.
+_ARTICLE = r"(?!A\s+[A-Za-z]{2})"
 
 
 def choice_letter(response: str, options: dict) -> Optional[str]:
-    """The option letter a response picks, or None."""
+    """The option letter a response picks, or None: a letter standing alone at the start
+    (``B``, ``(C)``, ``D. Brain``; not the article in ``A lung``), after "answer is" /
+    "option" / "choice", or alone anywhere; else the one option whose text the response
+    contains (whole words); else None."""
     letters = "".join(options)
     text = response.strip()
-    m = re.match(rf"^[\(\[]?([{letters}])(?:[\)\]\.:,\s]|$)", text)
+    m = re.match(rf"^[\(\[]?{_ARTICLE}([{letters}])(?:[\)\]\.:,\s]|$)", text)
     if m:
         return m.group(1)
     m = re.search(rf"(?:answer|option|choice)\s*(?:is|:)?\s*[\(\[]?([{letters}])\b", text, flags=re.IGNORECASE)
     if m and m.group(1).upper() in options:
         return m.group(1).upper()
-    m = re.search(rf"\b([{letters}])\b", text)
+    m = re.search(rf"\b{_ARTICLE}([{letters}])\b", text)
     if m:
         return m.group(1)
-    hits = [k for k, v in options.items() if normalize(v) and normalize(v) in normalize(text)]
+    said = words(text)
+    hits = [k for k, v in options.items() if words(v) and _contains(said, words(v))]
     return hits[0] if len(hits) == 1 else None
 
 

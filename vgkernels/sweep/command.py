@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from . import dist
-from ..clitools import RunError, UsageError, progress_enabled
+from .._dispatch import BACKENDS
+from ..clitools import DTYPES, RunError, UsageError, at_least, check_model_options, progress_enabled
 from .datasets import FORMATS, RETRIED_KINDS, SampleError, load_samples, reject_of
 from .metrics import MASK_MODES, authors_cells, authors_layer_metrics, sample_mask, sample_metrics
 from .runner import DEFAULT_ANSWER_SUFFIX, DEFAULT_REFERENCE, Encoder, MapRunner
@@ -58,7 +59,7 @@ def add_arguments(p):
     p.add_argument("--image-pattern", default="{image}",
                    help="file name of an image id under --image-root, Python format syntax (default '{image}', "
                         "then .jpg/.jpeg/.png are tried); e.g. 'COCO_val2014_{image:012d}.jpg'")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="samples per forward pass (default 8)")
     p.add_argument("--reference-prompt", default=DEFAULT_REFERENCE,
                    help=f"the prompt whose maps divide the question's (default {DEFAULT_REFERENCE!r})")
     p.add_argument("--answer-suffix", default=DEFAULT_ANSWER_SUFFIX,
@@ -67,18 +68,18 @@ def add_arguments(p):
     p.add_argument("--mask", default="auto", choices=MASK_MODES,
                    help="ground truth: gt_tokens when the model's grid is 24x24, else boxes (auto)")
     p.add_argument("--save-maps", action="store_true", help="keep every sample's raw maps (float16, scaled)")
-    p.add_argument("--overlays", type=int, default=6, help="samples whose maps are kept and drawn in overlays.png")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--overlays", type=at_least(0), default=6, help="samples whose maps are kept and drawn in overlays.png")
+    p.add_argument("--workers", type=at_least(0), default=None,
                    help="DataLoader workers decoding images per rank (default: 0 on CPU, up to 4 on GPU)")
     p.add_argument("--device", default=None,
                    help="torch device of the model (default: cuda:LOCAL_RANK when CUDA is available, else cpu)")
-    p.add_argument("--dtype", default="auto",
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto (bfloat16 on CUDA, float32 on CPU), float16, bfloat16, float32")
     p.add_argument("--attn-implementation", default=None, help="attention of uncaptured layers (default: the model's)")
-    p.add_argument("--backend", default="auto", help="vgkernels kernel backend for patch_model (default auto)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="vgkernels kernel backend for patch_model (default auto)")
     add_device_map_arguments(p, torchrun=True)
     p.add_argument("--seed", type=int, default=0, help="seed of tiny weights and COCO question templates")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--limit", type=at_least(1), default=None, help="use only the first N samples")
     p.add_argument("--no-prefix-sharing", action="store_true",
                    help="run both prompts in full instead of sharing the image prefix's KV cache")
     p.add_argument("--overwrite", action="store_true",
@@ -409,10 +410,9 @@ def check_inputs(args) -> None:
     if args.image_root is not None and not os.path.isdir(args.image_root):
         what = "is not a folder" if os.path.exists(args.image_root) else "does not exist"
         raise UsageError(f"--image-root: {args.image_root!r} {what}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
     if getattr(args, "gpus_per_instance", None) is not None and args.gpus_per_instance < 1:
         raise UsageError(f"--gpus-per-instance: expected >= 1, got {args.gpus_per_instance}")
+    check_model_options(args)
 
 
 def run(args) -> int:
@@ -427,6 +427,15 @@ def run(args) -> int:
         lock = _lock_out(args.out, info, overwrite=args.overwrite)
         samples, rejects = load_samples(args.data, fmt=args.format, image_root=args.image_root,
                                         image_pattern=args.image_pattern, seed=args.seed, limit=args.limit)
+        if not samples:
+            # nothing to sweep: fail before the model loads and before any settings are
+            # written, so the corrected command starts clean
+            why = "it has no rows"
+            if rejects:
+                kinds = ", ".join(f"{n} x {k}" for k, n in Counter(r.kind for r in rejects).most_common(3))
+                why = (f"{len(rejects)} rows rejected ({kinds}), e.g. {rejects[0].source}:{rejects[0].line}: "
+                       f"{_short(rejects[0].error)}")
+            raise RunError(f"--data: no usable sample in {', '.join(args.data)}: {why}")
         bundle = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
                             seed=args.seed, vision_tower=args.vision_tower, **dist.placement(info, args))
         L, _ = bundle.n_layers_heads()

@@ -195,7 +195,7 @@ def _read_jsonl(path: str, fmt: str, image_root: Optional[str], pattern: str, st
                 obj["bbox"] = obj.pop("boxes")
             rec = parse_question(obj, path, i)
         except RowError as e:
-            rejects.append(Reject(path, i, e.reason))
+            rejects.append(Reject(path, i, e.reason, kind=e.kind))
             continue
         extra = dict(rec.extra)
         sid = extra.pop("id", None) if fmt == "manifest" else None

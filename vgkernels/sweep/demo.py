@@ -27,6 +27,8 @@ import random
 import numpy as np
 
 from vgkernels.integrations.tiny_grounded import COLOURS
+
+from ..clitools import at_least
 from .datasets import LOCALISATION_TEMPLATES
 
 DEMO_MODEL = "tiny-grounded"
@@ -95,9 +97,9 @@ def add_arguments(p):
                    help="output folder, recreated on every run (only if new, empty or created by vgkernels); "
                         "default runs/demo")
     p.add_argument("--model", default=DEMO_MODEL, help=f"model to sweep (default {DEMO_MODEL})")
-    p.add_argument("--n", type=int, default=32, help="number of generated samples (default 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
-    p.add_argument("--top-k", type=int, default=10, help="heads written to heads.json (default 10)")
+    p.add_argument("--n", type=at_least(1), default=32, help="number of generated samples (default 32)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="samples per forward pass (default 8)")
+    p.add_argument("--top-k", type=at_least(1), default=10, help="heads written to heads.json (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -35,7 +35,7 @@ import os
 
 import numpy as np
 
-from ..clitools import RunError, UsageError
+from ..clitools import RunError, UsageError, at_least
 from .store import METRICS, load_results
 
 
@@ -44,7 +44,7 @@ def add_arguments(p):
                 "without looking at the medical evaluation data, and the paper shows that heads which ground "
                 "well on natural images are also the relatively better ones on medical images (Fig. D.1).")
     p.add_argument("--sweep", required=True, help="the --out directory of a finished sweep")
-    p.add_argument("--top-k", type=int, default=20, help="how many heads to keep (default 20, the paper's K)")
+    p.add_argument("--top-k", type=at_least(1), default=20, help="how many heads to keep (default 20, the paper's K)")
     p.add_argument("--metric", default="kl_ref", choices=["kl_ref", "kl", "js_ref", "js"],
                    help="score to rank by, lowest first (default kl_ref: reference-normalised KL)")
     p.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE",
@@ -97,6 +97,16 @@ def rank_heads(head: np.ndarray, metric: str = "kl_ref", top_k: int = 20, layers
 MODEL_KEYS = ("model", "model_type", "family", "num_layers", "num_heads", "hidden_size")
 
 
+def _is_heads_file(path: str) -> bool:
+    """Whether ``path`` is a ranking this command wrote (so re-ranking may replace it)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and {"heads", "metric", "sweep"} <= doc.keys()
+
+
 def run(args) -> int:
     from ..clitools import logger
 
@@ -123,8 +133,13 @@ def run(args) -> int:
            "sweep": os.path.abspath(args.sweep), "where": where, "samples": int(head.shape[0])}
     if doc["num_heads"] is None:  # a sweep of an earlier version: its H is every head
         doc["num_heads"] = meta.get("H")
-    with open(out, "w") as f:
+    if os.path.exists(out) and not _is_heads_file(out):
+        raise UsageError(f"--out: {out!r} exists and is not a heads file written by `vgkernels heads`; it is left "
+                         "as it is: choose another path")
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=False)
+    os.replace(tmp, out)
     logger.info(f"top {len(ranked)} heads by mean {args.metric} over {head.shape[0]} samples -> {out}")
     for i, (l, h, s, n) in enumerate(ranked):
         logger.info(f"  {i + 1:3d}. layer {l:3d} head {h:3d}  {args.metric} {s:.4f}  (n={n})")

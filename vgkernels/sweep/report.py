@@ -34,6 +34,7 @@ from collections import Counter
 
 import numpy as np
 
+from ..clitools import at_least
 from .store import METRICS, load_results, read_maps
 
 
@@ -333,7 +334,7 @@ def check_group_by(recs, group_by) -> list:
 
 def add_arguments(p):
     p.add_argument("--sweep", required=True, help="the --out directory of a finished sweep")
-    p.add_argument("--overlays", type=int, default=6, help="samples to draw in overlays.png")
+    p.add_argument("--overlays", type=at_least(0), default=6, help="samples to draw in overlays.png")
     p.add_argument("--group-by", action="append", default=None,
                    help="carried field to break down by (repeatable; default: every field with 2-20 values)")
 
