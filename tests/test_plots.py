@@ -104,3 +104,19 @@ def test_refine_accuracy_table_and_plot(tmp_path, figures):
     (tmp_path / "one").mkdir()
     one = RE.write_accuracy(str(tmp_path / "one"), {k: summary[k] for k in list(summary)[:2]}, settings[:1])
     assert set(one) == {"accuracy_csv"}
+
+
+def test_overlays_follow_the_latest_report(tmp_path):
+    """``--overlays 0`` removes an earlier overlays.png; a sweep without kept maps says
+    why there are no overlays instead of drawing nothing silently."""
+    make_image(56, 56).save(tmp_path / "img.png")
+    out = tmp_path / "s"
+    fake_sweep(out, n=3, maps_for=range(2), image=str(tmp_path / "img.png"))
+    png = out / "plots" / "overlays.png"
+    assert "overlays_png" in write_report(str(out), overlays=2)["paths"] and png.exists()
+    rep = write_report(str(out), overlays=0)
+    assert "overlays_png" not in rep["paths"] and not png.exists() and "no overlays" not in rep["text"]
+    bare = tmp_path / "t"
+    fake_sweep(bare, n=3)
+    rep = write_report(str(bare), overlays=2)
+    assert "overlays_png" not in rep["paths"] and "no overlays: no sample kept its maps" in rep["text"]

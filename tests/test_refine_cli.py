@@ -166,3 +166,13 @@ def test_cli_demo_on_qwen(tmp_path, capsys):
     assert len(recs) == 4 and all(set(r["results"]) == {"baseline", "K=all p=50 layers=1", "K=all p=50 layers=2+3"}
                                   for r in recs)
     assert os.path.exists(out / "summary.md")
+
+
+def test_sampling_options_need_do_sample(tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["refine", "--model", "tiny-llava", "--demo", "2", "--heads", HEADS, "--layers", "2",
+                 "--out", str(out), "--top-p", "0.9", "--temperature", "0.7", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--temperature, --top-p: sampling options; add --do-sample" in err
+    assert not (out / "records.jsonl").exists()

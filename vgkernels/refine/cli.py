@@ -48,18 +48,19 @@ RESULT_FIELDS = ("model", "data", "heads", "settings", "max_new_tokens", "refere
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-llava",
                    help="local Hugging Face model directory or a built-in tiny model (tiny-llava, tiny-llava-next, "
-                        "tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-splice, tiny-splice-vila)")
+                        "tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-splice, tiny-splice-vila, tiny-grounded)")
     p.add_argument("--data", default=None, help="evaluation JSONL: image, question, answer[, options, id]")
     p.add_argument("--demo", type=int, default=None, metavar="N",
                    help="generate N rows of synthetic data into OUT/demo_data and evaluate them")
     p.add_argument("--out", required=True,
                    help="output folder: new, empty, or one this tool created (resumable; one run at a time)")
     p.add_argument("--heads", default="huatuogpt-vision-7b",
-                   help="preset name, heads.json path, or pairs 'layer:head,layer:head,...' ranked best first")
+                   help="preset name, heads.json path, or pairs 'layer:head,layer:head,...' ranked best first "
+                        "(default huatuogpt-vision-7b, the paper's preset)")
     p.add_argument("--heads-from-any-model", action="store_true",
                    help="accept a heads.json ranked on a model of another name (its layer and head counts must "
                         "still match this model's)")
-    p.add_argument("--layers", default="16", help="knockout layers, e.g. 16 or 34,35,36")
+    p.add_argument("--layers", default="16", help="knockout layers, e.g. 16 or 34,35,36 (default 16, the paper's)")
     p.add_argument("--k", type=at_least(1), default=None, help="top-K heads (default: all given)")
     p.add_argument("--p", type=float, default=50.0, help="percentile threshold (default 50)")
     p.add_argument("--mode", default="renorm", choices=("renorm", "zero"),
@@ -105,7 +106,12 @@ def add_reproduction_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def decoding_settings(args) -> dict:
-    """The decoding keywords of :class:`VGRefine` from the command line."""
+    """The decoding keywords of :class:`VGRefine` from the command line; sampling options
+    without ``--do-sample`` would be ignored, so they are refused."""
+    given = [o for o, v, d in (("--temperature", args.temperature, 1.0), ("--top-p", args.top_p, None),
+                               ("--sample-top-k", args.sample_top_k, None)) if v != d]
+    if given and not args.do_sample:
+        raise UsageError(f"{', '.join(given)}: sampling options; add --do-sample (greedy decoding ignores them)")
     return {"do_sample": bool(args.do_sample), "temperature": args.temperature, "top_p": args.top_p,
             "sample_top_k": args.sample_top_k, "repetition_penalty": args.repetition_penalty,
             "seed": args.seed if args.do_sample else None}
@@ -332,9 +338,14 @@ def _run_locked(args) -> int:
                       maps=args.maps, **decoding)
         settings = [vr.setting(s.k, s.p, s.layers, s.mode) for s in settings]
     except ValueError as e:
-        # The defaults are the HuatuoGPT-Vision-7B preset (layer 16); say so when they do not fit.
-        raise UsageError(f"{e} (--heads defaults to 'huatuogpt-vision-7b' and --layers to 16; give heads and "
-                         f"layers that exist in {model_name})") from None
+        # The defaults are the HuatuoGPT-Vision-7B preset (layer 16); say so when they are
+        # the ones that do not fit this model.
+        hint = ""
+        defaults = args.heads == "huatuogpt-vision-7b" or args.layers == "16"
+        if defaults and any(w in str(e).lower() for w in ("layer", "head")):
+            hint = (" (--heads defaults to 'huatuogpt-vision-7b' and --layers to 16; give heads and layers that "
+                    f"exist in {model_name})")
+        raise UsageError(f"{e}{hint}") from None
     _check_run_info(args.out, run_info)  # every argument is valid: now the folder is this run's
     logger.debug(f"refine settings: {run_info}")
     labels = ["baseline"] + [s.label() for s in settings]

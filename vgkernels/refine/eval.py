@@ -263,7 +263,9 @@ def read_rows(path: str, rejects: Optional[list] = None) -> list:
             if rejects is None:
                 raise
             kind = "duplicate id" if "duplicate id" in str(e) else "malformed row"
-            rejects.append(Reject(path, i, str(e), None, kind))
+            # the reject carries the place itself: keep the message only
+            msg = str(e).removeprefix(f"{path}:{i}: ")
+            rejects.append(Reject(path, i, msg, None, kind))
             continue
         seen.add(row.id)
         rows.append(row)

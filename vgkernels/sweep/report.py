@@ -312,10 +312,14 @@ def write_report(out_dir: str, *, overlays: int = 6, group_by=None, marked_heads
         plot_heads(paths["heads_png"], head, f"{meta.get('model')}: mean KL per layer and head "
                                              f"({len(recs)} samples; star = best)", layers,
                    marks=marked_heads, mark_label=mark_label)
-        if overlays > 0:
-            p = os.path.join(pdir, "overlays.png")
-            if plot_overlays(p, out_dir, meta, recs, layer, overlays):
-                paths["overlays_png"] = p
+        p = os.path.join(pdir, "overlays.png")
+        if overlays > 0 and plot_overlays(p, out_dir, meta, recs, layer, overlays):
+            paths["overlays_png"] = p
+        elif os.path.exists(p):
+            os.remove(p)  # an earlier report's overlays would no longer match this one
+        if overlays > 0 and "overlays_png" not in paths:
+            text += ("\nno overlays: no sample kept its maps (the sweep keeps the first --overlays samples' maps, "
+                     "or every sample's with --save-maps)")
     return {"paths": paths, "text": text}
 
 
