@@ -27,8 +27,15 @@ A patched layer calls its own implementation (``sdpa``, ``flash_attention_2``,
 - **captured rows**: a captured row that is not knocked out at this layer is recomputed
   alone, ``attention(q_row (B, 1, H, D), K, V)`` with the keys that row may see, and its
   probabilities over the image span come out of the same kernel call; a captured row in
-  the band takes its probabilities from the band call (the probabilities actually
-  applied).
+  the band is rebuilt from the band call's log-sum-exp (``capture_from_lse``, zero on
+  knocked-out and padding keys: the probabilities actually applied);
+- **question rows** (``capture_rows="question"``): each row's probabilities over the
+  image are rebuilt from its log-sum-exp the same way, one row at a time, and averaged.
+
+The capture window (``n`` keys per sample holding its image) lies in the call's keys;
+the band has its own window in ``[0, end)``, sized by the images of the samples that
+knock out, so a larger image of a sample outside the band never has to fit before
+``end``.
 
 ``execution="fused"`` sends the whole layer through one ``vgkernels.attention`` call
 (knockout and capture inside the kernel). Both give the same outputs and maps to dtype

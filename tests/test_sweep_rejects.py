@@ -259,3 +259,18 @@ def test_heads_out_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     assert main(["heads", "--sweep", str(tmp_path / "s"), "--top-k", "3", "--out", str(ranked)]) == 0
     assert main(["heads", "--sweep", str(tmp_path / "s"), "--top-k", "2", "--out", str(ranked)]) == 0  # re-rank
     assert len(json.loads(ranked.read_text())["heads"]) == 2
+
+
+def test_data_that_is_not_a_question_file_is_a_usage_error(tmp_path, capsys):
+    jsonl = _manifest(tmp_path, [_row(0, "a.png"), _row(1, "b.png")])
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    cases = [
+        (["--data", str(tmp_path)], "is a folder, not a file"),
+        (["--data", jsonl, "--format", "coco"], "is not one JSON document"),
+        (["--data", str(binary), "--format", "official"], "is not a text file"),
+    ]
+    for argv, message in cases:
+        assert main(["sweep", "--model", "tiny-llava", "--out", str(tmp_path / "o"), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -405,8 +405,8 @@ def _sweep_locked(bundle, samples, out, meta, *, parse_rejects, layers, batch_si
 def check_inputs(args) -> None:
     """What can be checked before the model is loaded (exit 2 on failure)."""
     for d in args.data:
-        if not os.path.exists(d):
-            raise UsageError(f"--data: {d!r} does not exist")
+        if not os.path.isfile(d):
+            raise UsageError(f"--data: {d!r} " + ("is a folder, not a file" if os.path.isdir(d) else "does not exist"))
     if args.image_root is not None and not os.path.isdir(args.image_root):
         what = "is not a folder" if os.path.exists(args.image_root) else "does not exist"
         raise UsageError(f"--image-root: {args.image_root!r} {what}")

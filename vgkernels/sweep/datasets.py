@@ -36,6 +36,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from ..clitools import UsageError
 from ..data import RowError, iter_json_lines, parse_question
 
 # Supp. I.1 of the paper: "the question from a predefined question set is sampled".
@@ -223,7 +224,7 @@ def _read_coco(path: str, image_root: Optional[str], seed: int, start: int):
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{path}: expected a COCO instances file with 'images' and 'annotations'")
+        raise UsageError(f"data: {path!r}: expected a COCO instances file with 'images' and 'annotations'")
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     images = {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
     cats = {c["id"]: c.get("name", str(c["id"])) for c in data.get("categories", []) if "id" in c}
@@ -268,8 +269,6 @@ def load_samples(paths, *, fmt: str = "auto", image_root: Optional[str] = None,
     Returns ``(samples, rejects)``; ``samples[i].index == i``. Duplicate sample ids are
     rejected after their first occurrence (results are keyed by id).
     """
-    from ..clitools import UsageError
-
     if fmt not in FORMATS:
         raise UsageError(f"format: expected one of {FORMATS}, got {fmt!r}")
     if isinstance(paths, (str, os.PathLike)):
@@ -277,13 +276,20 @@ def load_samples(paths, *, fmt: str = "auto", image_root: Optional[str] = None,
     samples, rejects = [], []
     for p in paths:
         p = os.fspath(p)
-        if not os.path.exists(p):
-            raise UsageError(f"data: {p!r} does not exist")
-        f = detect_format(p) if fmt == "auto" else fmt
-        if f == "coco":
-            s, r = _read_coco(p, image_root, seed, len(samples))
-        else:
-            s, r = _read_jsonl(p, f, image_root, image_pattern, len(samples))
+        if not os.path.isfile(p):
+            raise UsageError(f"data: {p!r} " + ("is a folder, not a file" if os.path.isdir(p) else "does not exist"))
+        try:
+            f = detect_format(p) if fmt == "auto" else fmt
+            if f == "coco":
+                s, r = _read_coco(p, image_root, seed, len(samples))
+            else:
+                s, r = _read_jsonl(p, f, image_root, image_pattern, len(samples))
+        except UnicodeDecodeError:
+            raise UsageError(f"data: {p!r} is not a text file (JSON lines or a COCO JSON file)") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"data: {p!r} is not one JSON document ({e.msg.removesuffix(' at')} at line {e.lineno} "
+                             f"column {e.colno}); a question file or manifest is JSON lines: --format "
+                             "official/manifest or auto") from None
         samples += s
         rejects += r
     seen, unique = set(), []
