@@ -101,3 +101,25 @@ def test_bad_sampling_settings(kw, msg):
     m, proc = model("tiny-llava")
     with pytest.raises(ValueError, match=msg):
         VGRefine(m, proc, heads=HEADS, layers=[2], do_sample=True, **kw)
+
+
+def test_numpy_and_tensor_images_give_what_pil_images_give():
+    """Processors take PIL images, numpy arrays (H, W, C) and tensors (C, H, W) alike; so
+    does VGRefine (an array's ``.size`` is its element count, not a PIL size)."""
+    import numpy as np
+
+    from vgkernels.refine.method import _original_size
+
+    m, proc = model("tiny-llava")
+    pil = [make_image(56, 40, seed=3), make_image(40, 56, seed=4)]
+    arrays = [np.asarray(im) for im in pil]
+    tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
+    assert [_original_size(x) for x in pil] == [_original_size(x) for x in arrays] == \
+        [_original_size(x) for x in tensors] == [(56, 40), (40, 56)]
+    qs = ["What is shown?", "Is it round?"]
+    vr = VGRefine(m, proc, heads=HEADS, layers=[2], max_new_tokens=G)
+    want = vr(pil, qs)
+    for images in (arrays, tensors):
+        got = vr(images, qs)
+        assert all(torch.equal(a, b) for a, b in zip(got.keep, want.keep)) and len(got.keep) == 2
+        assert torch.equal(got.tokens, want.tokens) and got.answers == want.answers

@@ -274,3 +274,24 @@ def test_data_that_is_not_a_question_file_is_a_usage_error(tmp_path, capsys):
         assert main(["sweep", "--model", "tiny-llava", "--out", str(tmp_path / "o"), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2-vl"])  # qwen: samples sorted by image size
+def test_an_image_over_pils_pixel_limit_is_an_unreadable_image(tmp_path, monkeypatch, model):
+    """PIL refuses images over its decompression-bomb limit (whole-slide scans) with an
+    error that is not an OSError: the sample is an ``unreadable image`` reject, retried by
+    the next run, and the others are swept."""
+    from PIL import Image
+
+    make_image(56, 56, seed=1).save(tmp_path / "small.png")
+    make_image(200, 200, seed=2).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 200x200 is over twice the limit: refused
+    rows = [_row(i, "small.png") for i in range(3)] + [_row(3, "huge.png")]
+    data = _manifest(tmp_path, rows)
+    samples, rejects = load_samples(data)
+    res = sweep(load_model(model), samples, str(tmp_path / "o"), parse_rejects=rejects, overlays=0, report=False,
+                progress=False, log=lambda *a: None, batch_size=4, workers=0)
+    assert res["merged"]["samples"] == 3
+    rej = [json.loads(t) for t in open(tmp_path / "o" / "rejects.jsonl")]
+    assert [(r["sid"], r["kind"], r["retry"]) for r in rej] == [("m3", "unreadable image", True)]
+    assert "exceeds limit" in rej[0]["error"]

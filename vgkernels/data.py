@@ -116,3 +116,38 @@ def iter_questions(path: str, *, errors: str = "raise") -> Iterator[Union[Questi
 def read_questions(path: str) -> list[QuestionRecord]:
     """Every row of a question file; the first malformed row raises :class:`RowError`."""
     return list(iter_questions(path))
+
+
+class ImageReadError(OSError):
+    """An image that cannot be read; ``kind`` is ``"missing image"`` or
+    ``"unreadable image"`` (the reject kinds a sweep retries on its next run)."""
+
+    def __init__(self, path, kind: str, cause: BaseException):
+        super().__init__(f"cannot read image {str(path)!r}: {cause}")
+        self.path, self.kind = path, kind
+
+
+def read_image(path) -> "PIL.Image.Image":  # noqa: F821
+    """The image at ``path`` as RGB, fully loaded; :class:`ImageReadError` for a missing
+    file or one PIL cannot decode (a corrupt or truncated file, an unknown format, or one
+    over PIL's decompression-bomb limit, such as a whole-slide scan)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise ImageReadError(path, "missing image", e) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(path, "unreadable image", e) from None
+
+
+def image_size(path) -> Optional[tuple]:
+    """``(width, height)`` from the file's header, or None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None

@@ -236,21 +236,16 @@ def _read_records(path: str) -> list:
 
 def _read_images(chunk, data):
     """Each row's image, or a reject (missing / unreadable: tried again by the next run)."""
-    from PIL import Image
-
+    from ..data import ImageReadError, read_image
     from ..sweep.datasets import Reject
 
     images, rejects = [], []
     for r in chunk:
         try:
-            with Image.open(r.image) as im:
-                images.append(im.convert("RGB"))
-        except FileNotFoundError as e:
+            images.append(read_image(r.image))
+        except ImageReadError as e:
             images.append(None)
-            rejects.append(Reject(data, r.line, f"cannot read image {r.image!r}: {e}", r.id, "missing image"))
-        except (OSError, ValueError) as e:
-            images.append(None)
-            rejects.append(Reject(data, r.line, f"cannot read image {r.image!r}: {e}", r.id, "unreadable image"))
+            rejects.append(Reject(data, r.line, str(e), r.id, e.kind))
     return images, rejects
 
 

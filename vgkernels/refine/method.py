@@ -143,6 +143,22 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _original_size(image) -> Optional[tuple]:
+    """``(width, height)`` of a PIL image, an ``(H, W[, C])`` numpy array or a
+    ``([C,] H, W)`` tensor (the layouts processors take); None when it cannot be told."""
+    size = getattr(image, "size", None)
+    if isinstance(size, tuple) and len(size) == 2:  # PIL
+        return size
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) == 2:
+        return int(shape[1]), int(shape[0])
+    if len(shape) == 3:
+        channels_last = shape[-1] in (1, 3, 4) and not (isinstance(image, torch.Tensor) and shape[0] in (1, 3, 4))
+        h, w = shape[:2] if channels_last else shape[1:]
+        return int(w), int(h)
+    return None
+
+
 class VGRefine:
     """VGRefine on a loaded vision-language model (HF LLaVA / LLaVA-NeXT / Qwen2-VL /
     Qwen2.5-VL, LLaVA-codebase splices such as HuatuoGPT-Vision, VILA).
@@ -323,7 +339,7 @@ class VGRefine:
         cap_layers = self._cap_layers(settings)
         firsts = sorted({min(s.layers) for s in settings}) if self.reuse_lower_layers else []
         inputs = self._encode(images, [self.prompt(q) for q in questions])
-        sizes = [tuple(im.size) if hasattr(im, "size") and not callable(im.size) else None for im in images]
+        sizes = [_original_size(im) for im in images]
         sizes = None if any(z is None for z in sizes) else sizes
         stack = self.stack
         dev = stack.embed.weight.device

@@ -32,6 +32,7 @@ import torch
 from . import dist
 from .._dispatch import BACKENDS
 from ..clitools import DTYPES, RunError, UsageError, at_least, check_model_options, progress_enabled
+from ..data import image_size
 from .datasets import FORMATS, RETRIED_KINDS, SampleError, load_samples, reject_of
 from .metrics import MASK_MODES, authors_cells, authors_layer_metrics, sample_mask, sample_metrics
 from .runner import DEFAULT_ANSWER_SUFFIX, DEFAULT_REFERENCE, Encoder, MapRunner
@@ -146,15 +147,7 @@ def _as_list(x):
 def _length_key(sample, dynamic: bool):
     """Sort key grouping samples of similar prompt length: image size first for families
     whose token count depends on it (the header read is cheap), then question length."""
-    size = (0, 0)
-    if dynamic:
-        try:
-            from PIL import Image
-
-            with Image.open(sample.image) as im:
-                size = im.size
-        except OSError:
-            pass
+    size = (image_size(sample.image) or (0, 0)) if dynamic else (0, 0)
     return (size, len(sample.question), sample.index)
 
 

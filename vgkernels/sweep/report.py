@@ -35,6 +35,7 @@ from collections import Counter
 import numpy as np
 
 from ..clitools import at_least
+from ..data import ImageReadError, read_image
 from .store import METRICS, load_results, read_maps
 
 
@@ -229,8 +230,6 @@ def plot_overlays(path, out_dir, meta, recs, layer, n: int):
     for the question prompt, for the reference prompt, and their ratio, each as attention
     per token ÷ its mean over the image (1 = uniform), on one colour scale per row.
     """
-    from PIL import Image
-
     L, H = int(meta["L"]), int(meta["H"])
     chosen = [r for r in recs if r.get("maps_file")][:n]
     if not chosen:
@@ -246,8 +245,8 @@ def plot_overlays(path, out_dir, meta, recs, layer, n: int):
     for row, rec in zip(axes, chosen):
         maps_q, maps_ref, cells = read_maps(out_dir, rec, L, H)
         try:
-            img = Image.open(rec["image"]).convert("RGB")
-        except OSError:
+            img = read_image(rec["image"])
+        except ImageReadError:
             img = None
         width, height = (img.size if img is not None else tuple(rec.get("image_size") or (336, 336)))
         a = maps_q[best].mean(axis=0)

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..constants import ANSWER_LINE as DEFAULT_ANSWER_SUFFIX
+from ..data import ImageReadError, read_image
 from ..constants import REFERENCE_PROMPT as DEFAULT_REFERENCE
 
 # Keys of a processor's output aligned with input_ids, token for token.
@@ -82,15 +83,10 @@ class Encoder:
         self.image_token_ids = bundle.shim.image_token_ids()
 
     def __call__(self, sample) -> Encoded:
-        from PIL import Image
-
         try:
-            with Image.open(sample.image) as im:
-                image = im.convert("RGB")
-        except FileNotFoundError as e:
-            return Encoded(sample, error=f"cannot read image {sample.image!r}: {e}", error_kind="missing image")
-        except (OSError, ValueError) as e:
-            return Encoded(sample, error=f"cannot read image {sample.image!r}: {e}", error_kind="unreadable image")
+            image = read_image(sample.image)
+        except ImageReadError as e:
+            return Encoded(sample, error=str(e), error_kind=e.kind)
         try:
             question = self.family.chat_text(self.processor, with_suffix(sample.question, self.answer_suffix, self.sep))
             eq = self.family.process(self.processor, [image], [question])
