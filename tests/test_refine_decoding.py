@@ -112,7 +112,7 @@ def test_numpy_and_tensor_images_give_what_pil_images_give():
 
     m, proc = model("tiny-llava")
     pil = [make_image(56, 40, seed=3), make_image(40, 56, seed=4)]
-    arrays = [np.asarray(im) for im in pil]
+    arrays = [np.array(im) for im in pil]  # writable copies
     tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
     assert [_original_size(x) for x in pil] == [_original_size(x) for x in arrays] == \
         [_original_size(x) for x in tensors] == [(56, 40), (40, 56)]
